@@ -1,0 +1,335 @@
+"""dhara (model_type ``dhara_ar``): a LLaMA-style decoder with Canon layers.
+
+Canon layers are causal depthwise convs at four sites of each layer (A before
+attention, B on q/k/v, C before the MLP, D inside it). QK-norm comes after RoPE,
+the logits are soft-capped, attention is GQA. See SPEC.md of the project.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import (
+    BaseModelArgs,
+    create_attention_mask,
+    scaled_dot_product_attention,
+)
+
+from .cache import DharaCache
+from .rope import rope_parameters
+
+CANON_SITES = "ABCD"
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "dhara_ar"
+    hidden_size: int = 768
+    num_hidden_layers: int = 32
+    intermediate_size: int = 2176
+    num_attention_heads: int = 12
+    num_key_value_heads: Optional[int] = 4
+    head_dim: Optional[int] = None
+    vocab_size: int = 49155
+    mask_token_id: int = 49152
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 8_000_000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: Optional[int] = None
+    tie_word_embeddings: bool = True
+    use_qk_norm: bool = True
+    use_logit_softcap: bool = True
+    logit_softcap: Optional[float] = 30.0
+    canon_set: str = "ABCD"
+    canon_kernel: int = 4
+    canon_residual: bool = True
+    canon_activation: bool = False
+    canon_bias: bool = False
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        unknown = sorted(set(self.canon_set) - set(CANON_SITES))
+        if unknown:
+            raise ValueError(
+                f"config.json: canon_set {self.canon_set!r} has unknown letters "
+                f"{''.join(unknown)!r}; use a subset of {CANON_SITES!r}."
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"config.json: num_attention_heads ({self.num_attention_heads}) must be a "
+                f"multiple of num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if self.canon_kernel < 1:
+            raise ValueError(f"config.json: canon_kernel must be >= 1, got {self.canon_kernel}.")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(
+                f"config.json: mask_token_id {self.mask_token_id} is outside the "
+                f"vocabulary (vocab_size {self.vocab_size})."
+            )
+
+    @property
+    def softcap(self) -> Optional[float]:
+        return self.logit_softcap if self.use_logit_softcap and self.logit_softcap else None
+
+
+class Canon(nn.Module):
+    """Causal depthwise conv over the sequence, with an optional residual."""
+
+    def __init__(self, channels: int, args: ModelArgs):
+        super().__init__()
+        self.residual = args.canon_residual
+        self.activation = args.canon_activation
+        self.conv = nn.Conv1d(
+            channels, channels, args.canon_kernel, groups=channels, bias=args.canon_bias
+        )
+
+    def __call__(self, x: mx.array, history: mx.array, valid: Optional[mx.array]) -> mx.array:
+        """x [B, L, C]; history [B, K-1, C]: the inputs just before x."""
+        inputs = mx.concatenate([history, x], axis=1)
+        if valid is not None:
+            inputs = mx.where(valid, inputs, 0)
+        y = mx.conv1d(inputs, self.conv.weight, groups=x.shape[-1])
+        if "bias" in self.conv:
+            y = y + self.conv.bias
+        if self.activation:
+            y = nn.silu(y)
+        return x + y if self.residual else y
+
+
+class CanonStep:
+    """One forward's view of a layer's canon sites.
+
+    Hands each site its slice of the cached history and collects the new inputs,
+    which the layer then appends to the cache in one write.
+    """
+
+    def __init__(self, widths: dict[str, int], history: mx.array, valid: Optional[mx.array]):
+        offsets, total = [], 0
+        for width in list(widths.values())[:-1]:
+            total += width
+            offsets.append(total)
+        parts = mx.split(history, offsets, axis=-1) if offsets else [history]
+        self.history = dict(zip(widths, parts))
+        self.valid = valid
+        self.inputs: list[mx.array] = []
+
+    def __call__(self, site: str, conv: Optional[Canon], x: mx.array) -> mx.array:
+        if conv is None:
+            return x
+        self.inputs.append(x)
+        return conv(x, self.history[site], self.valid)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the layer's RoPE ``inv_freq`` (frozen; kept in float32)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.inv_freq, _ = rope_parameters(
+            args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings
+        )
+        self.freeze()
+
+
+def rope_tables(inv_freqs: mx.array, offset, length: int, factor: float):
+    """cos and sin [layers, B, 1, L, head_dim/2] of every layer, in one computation.
+
+    ``offset`` is an int or, for a batch, one offset per row. Angles are
+    positions x inv_freq in float32, as the reference computes them.
+    """
+    positions = mx.arange(length, dtype=mx.float32)
+    if isinstance(offset, mx.array) and offset.ndim == 1:
+        positions = offset[:, None].astype(mx.float32) + positions
+    else:
+        positions = (positions + offset)[None]
+    angles = positions[None, :, None, :, None] * inv_freqs[:, None, None, None, :]
+    cos, sin = mx.cos(angles), mx.sin(angles)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    return cos, sin
+
+
+@mx.compile
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate-half (non-interleaved) RoPE."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, head_dim = args.hidden_size, args.head_dim
+        self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
+        self.scale = head_dim**-0.5
+        self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * head_dim, dim, bias=False)
+        has_b = "B" in args.canon_set
+        self.canon_b_q = Canon(self.n_heads * head_dim, args) if has_b else None
+        self.canon_b_k = Canon(self.n_kv_heads * head_dim, args) if has_b else None
+        self.canon_b_v = Canon(self.n_kv_heads * head_dim, args) if has_b else None
+        if args.use_qk_norm:
+            self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(args)
+
+    def __call__(self, x, mask, cache: Optional[DharaCache], canon: CanonStep, rope) -> mx.array:
+        B, L, _ = x.shape
+        q = canon("b_q", self.canon_b_q, self.q_proj(x))
+        k = canon("b_k", self.canon_b_k, self.k_proj(x))
+        v = canon("b_v", self.canon_b_v, self.v_proj(x))
+        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        o = scaled_dot_product_attention(
+            q, k, v, cache=cache.kv if cache is not None else None, scale=self.scale, mask=mask
+        )
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        dim, hidden = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.canon_d = Canon(hidden, args) if "D" in args.canon_set else None
+
+    def __call__(self, x: mx.array, canon: CanonStep) -> mx.array:
+        u = nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(canon("d", self.canon_d, u))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.canon_a = Canon(args.hidden_size, args) if "A" in args.canon_set else None
+        self.canon_c = Canon(args.hidden_size, args) if "C" in args.canon_set else None
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        q_width = args.num_attention_heads * args.head_dim
+        kv_width = args.num_key_value_heads * args.head_dim
+        widths = {
+            "a": args.hidden_size if "A" in args.canon_set else 0,
+            "b_q": q_width if "B" in args.canon_set else 0,
+            "b_k": kv_width if "B" in args.canon_set else 0,
+            "b_v": kv_width if "B" in args.canon_set else 0,
+            "c": args.hidden_size if "C" in args.canon_set else 0,
+            "d": args.intermediate_size if "D" in args.canon_set else 0,
+        }
+        self._canon_widths = {site: width for site, width in widths.items() if width}
+        self._canon_history = args.canon_kernel - 1
+
+    def __call__(self, x, mask, cache: Optional[DharaCache], valid, rope) -> mx.array:
+        width = sum(self._canon_widths.values())
+        if cache is None:
+            history = mx.zeros((x.shape[0], self._canon_history, width), x.dtype)
+        else:
+            history = cache.canon_history(self._canon_history, width, x.dtype)
+        canon = CanonStep(self._canon_widths, history, valid)
+        a = canon("a", self.canon_a, self.input_layernorm(x))
+        h = x + self.self_attn(a, mask, cache, canon, rope)
+        c = canon("c", self.canon_c, self.post_attention_layernorm(h))
+        out = h + self.mlp(c, canon)
+        if cache is not None:
+            empty = [mx.zeros((*x.shape[:2], 0), x.dtype)]
+            cache.append_canon(mx.concatenate(canon.inputs or empty, axis=-1))
+        return out
+
+
+class DharaModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        _, self.rope_factor = rope_parameters(
+            args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings
+        )
+
+    def __call__(self, inputs, cache=None, mask=None, input_embeddings=None) -> mx.array:
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        first = cache[0]
+        if mask is None:
+            mask = create_attention_mask(h, first)
+        valid = None
+        if first is not None:
+            valid = first.canon_valid(self.args.canon_kernel - 1, h.shape[1])
+        inv_freqs = mx.stack([layer.self_attn.rotary_emb.inv_freq for layer in self.layers])
+        offset = first.offset if first is not None else 0
+        cos, sin = rope_tables(inv_freqs, offset, h.shape[1], self.rope_factor)
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
+            h = layer(h, mask, layer_cache, valid, (cos[i], sin[i]))
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = DharaModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: Optional[list[Any]] = None,
+        mask: Optional[mx.array] = None,
+        input_embeddings: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Logits [B, L, vocab]. ``mask`` overrides the causal mask (block diffusion)."""
+        h = self.model(inputs, cache, mask, input_embeddings)
+        if self.args.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        cap = self.args.softcap
+        return cap * mx.tanh(logits / cap) if cap else logits
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Hugging Face names and layouts to this module tree."""
+        if self.args.tie_word_embeddings:
+            weights.pop("lm_head.weight", None)
+        sanitized = {}
+        for key, value in weights.items():
+            if key.endswith(".conv.weight") and value.ndim == 3 and value.shape[1] == 1:
+                value = value.transpose(0, 2, 1)  # PyTorch (C, 1, K) -> MLX (C, K, 1)
+            if key.endswith("rotary_emb.inv_freq"):
+                value = value.astype(mx.float32)
+            sanitized[key] = value
+        for i, layer in enumerate(self.model.layers):
+            key = f"model.layers.{i}.self_attn.rotary_emb.inv_freq"
+            sanitized.setdefault(key, layer.self_attn.rotary_emb.inv_freq)
+        return sanitized
+
+    @property
+    def cast_predicate(self):
+        """Keep the RoPE frequencies in float32 when converting the dtype."""
+        return lambda key: not key.endswith("inv_freq")
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def make_cache(self) -> list[DharaCache]:
+        return [DharaCache() for _ in self.layers]

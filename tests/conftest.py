@@ -1,0 +1,35 @@
+"""Shared fixtures: the golden checkpoint (copied from the independent reference)."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+import optiq_dhara  # noqa: F401  (registers dhara with mlx-lm)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN_DIR = FIXTURES / "golden_tiny"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN_DIR
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    return mx.load(str(GOLDEN_DIR / "golden.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def golden_settings() -> dict:
+    return json.loads((GOLDEN_DIR / "golden.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def golden_model():
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(GOLDEN_DIR)
+    return model

@@ -1,0 +1,1 @@
+"""Training dhara: the joint AR + block-diffusion loss, LoRA, full training, tokenizers."""
