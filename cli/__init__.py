@@ -12,3 +12,6 @@ app = typer.Typer(
 
 def main() -> None:
     app()
+
+
+from . import bench, convert, evaluate, generate, lm, serve, train  # noqa: E402,F401  (register commands)

@@ -1,0 +1,1 @@
+"""`dhara-mlx bench`."""
