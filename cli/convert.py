@@ -1,1 +1,115 @@
-"""`dhara-mlx convert`."""
+"""`dhara-mlx convert`: a Hugging Face dhara checkpoint to MLX, optionally mixed-precision."""
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+
+
+class Dtype(str, Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class Method(str, Enum):
+    auto = "auto"
+    exact = "exact"
+
+
+def parse_bits(text: Optional[str]) -> Optional[list[int]]:
+    """"4,8" -> [4, 8]; a usage error for anything that is not a list of integers."""
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{text!r} is not a comma-separated list of integers, e.g. 4,8",
+            param_hint="--candidate-bits",
+        ) from exc
+
+
+@app.command("convert")
+def convert_command(
+    hf_path: Annotated[
+        str, typer.Option(help="Source: a local Hugging Face checkpoint directory or a Hub id.")
+    ],
+    mlx_path: Annotated[Path, typer.Option(help="Destination directory (written atomically).")],
+    target_bpw: Annotated[
+        Optional[float],
+        typer.Option(help="Bits per weight of the mix, all stored bits counted; omit to not quantize."),
+    ] = None,
+    candidate_bits: Annotated[
+        Optional[str], typer.Option(help="Bits a module may get, comma-separated [default: 4,8].")
+    ] = None,
+    group_size: Annotated[
+        Optional[int], typer.Option(help="Quantization group size: 32, 64 or 128 [default: 64].")
+    ] = None,
+    calibration: Annotated[
+        Optional[Path],
+        typer.Option(help="Calibration text file, or chat .jsonl [default: the shipped corpus]."),
+    ] = None,
+    num_samples: Annotated[
+        Optional[int], typer.Option(min=1, help="Calibration sequences [default: 16].")
+    ] = None,
+    seq_len: Annotated[
+        Optional[int], typer.Option(min=2, help="Tokens per calibration sequence [default: 256].")
+    ] = None,
+    dtype: Annotated[
+        Optional[Dtype], typer.Option(help="Float dtype [default: config.json's torch_dtype].")
+    ] = None,
+    sensitivities: Annotated[
+        Optional[Path], typer.Option(help="Reuse a sensitivities.json instead of measuring.")
+    ] = None,
+    sensitivity_method: Annotated[
+        Method,
+        typer.Option(help="auto: estimate, measure exactly near the cut; exact: measure all."),
+    ] = Method.auto,
+    force: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
+) -> None:
+    """Convert a dhara checkpoint; with --target-bpw, a KL-sensitivity mix of candidate bits."""
+    from optiq_dhara.convert import convert
+
+    try:
+        report = convert(
+            hf_path,
+            mlx_path,
+            target_bpw=target_bpw,
+            candidate_bits=parse_bits(candidate_bits),
+            group_size=group_size,
+            calibration=calibration,
+            num_samples=num_samples,
+            seq_len=seq_len,
+            dtype=dtype.value if dtype else None,
+            sensitivities=sensitivities,
+            force=force,
+            sensitivity_method=sensitivity_method.value,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(summary(report, mlx_path))
+
+
+def summary(report: dict, path: Path) -> str:
+    """A few lines a user reads after converting."""
+    if not report.get("layers"):
+        return f"wrote {path} ({report['dtype']}, {report['size_mb']:.1f} MB)"
+    per_bits = ", ".join(f"{n} at {b} bits" for b, n in sorted(report["modules_per_bits"].items()))
+    lines = [
+        f"wrote {path}: {report['achieved_bpw']:.3f} bpw (target {report['target_bpw']}), "
+        f"{report['size_mb']:.1f} MB; {per_bits}",
+        f"sensitivities: {report['sensitivity']['method']}, "
+        f"{report['sensitivity']['forwards_per_sample']:.1f} forwards per calibration sample",
+        "held-out     mean KL (AR / diffusion)   top-1 (AR)   self-spec accepted/round",
+    ]
+    for name in ("mix", "uniform_4", "uniform_8"):
+        r = report["held_out"][name]
+        lines.append(
+            f"  {name:10} {r['ar']['mean_kl']:.5f} / {r['diffusion']['mean_kl']:.5f}"
+            f"       {r['ar']['top1_agreement']:.3f}        {r['self_spec']['accepted_per_round']:.2f}"
+        )
+    return "\n".join(lines)

@@ -1,1 +1,145 @@
-"""`dhara-mlx evaluate`."""
+"""`dhara-mlx eval`: lm-eval tasks in AR or diffusion mode, perplexity and divergence."""
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from .generate import ModelPath, Threshold, load_model
+
+
+class EvalMode(str, Enum):
+    ar = "ar"
+    diffusion = "diffusion"
+
+
+@app.command("eval")
+def eval_command(
+    model: ModelPath,
+    tasks: Annotated[
+        Optional[str],
+        typer.Option(help="Comma-separated lm-eval tasks, e.g. piqa,arc_easy,sciq."),
+    ] = None,
+    mode: Annotated[
+        EvalMode,
+        typer.Option(
+            help="Scoring: ar (causal) or diffusion (the answer masked, block-causal forward)."
+        ),
+    ] = EvalMode.ar,
+    num_shots: Annotated[Optional[int], typer.Option(min=0, help="Few-shot examples.")] = None,
+    limit: Annotated[
+        Optional[float],
+        typer.Option(min=0.0, help="Items per task (a fraction when below 1; for quick runs)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward.")] = 8,
+    block_len: Annotated[
+        int, typer.Option(min=1, help="Diffusion: block length of the global block grid.")
+    ] = 32,
+    threshold: Threshold = 0.5,
+    max_length: Annotated[
+        Optional[int],
+        typer.Option(
+            min=2,
+            help="Longest scored sequence in tokens "
+            "(default: max_position_embeddings of config.json, else 2048).",
+        ),
+    ] = None,
+    include_path: Annotated[
+        Optional[list[Path]],
+        typer.Option(help="Folder of local lm-eval task YAML files (repeatable)."),
+    ] = None,
+    perplexity: Annotated[
+        Optional[Path],
+        typer.Option(help="Text file: perplexity in AR and diffusion forwards."),
+    ] = None,
+    reference: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Float or base model: mean KL, top-1 agreement and perplexity ratio "
+            "against it on the --perplexity file."
+        ),
+    ] = None,
+    seq_len: Annotated[
+        int, typer.Option(min=2, help="Tokens per row of the --perplexity file.")
+    ] = 512,
+    seed: Annotated[
+        int, typer.Option(help="Seed of few-shot sampling and diffusion masks.")
+    ] = 1234,
+    output: Annotated[Optional[Path], typer.Option(help="Write all results as JSON here.")] = None,
+) -> None:
+    """Evaluate a dhara model: lm-eval tasks (--tasks), text perplexity (--perplexity),
+    and divergence from a reference model (--reference)."""
+    from optiq_dhara.evaluate.report import divergence_table, write_json
+
+    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if reference is not None and perplexity is None:
+        raise typer.BadParameter(
+            "--reference compares on a text file: give --perplexity FILE too",
+            param_hint="--reference",
+        )
+    if not task_list and perplexity is None:
+        raise typer.BadParameter("give --tasks and/or --perplexity FILE", param_hint="--tasks")
+    lm_model, tokenizer = load_model(model)
+    results: dict = {}
+    if task_list:
+        harness = _harness()
+        lm = harness.DharaLM(
+            lm_model,
+            tokenizer,
+            name=model,
+            mode=mode.value,
+            batch_size=batch_size,
+            block_len=block_len,
+            threshold=threshold,
+            max_length=max_length,
+        )
+        try:
+            results = harness.run_tasks(
+                lm,
+                task_list,
+                num_shots=num_shots,
+                limit=limit,
+                include_path=include_path,
+                seed=seed,
+            )
+        except harness.UnknownTaskError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--tasks") from exc
+        from lm_eval.utils import make_table
+
+        typer.echo(make_table(results))
+    if perplexity is not None:
+        from optiq_dhara.evaluate.divergence import text_divergence
+
+        ref_model = load_model(reference)[0] if reference is not None else None
+        try:
+            report = text_divergence(
+                lm_model,
+                tokenizer,
+                perplexity,
+                ref_model,
+                seq_len=seq_len,
+                block_len=block_len,
+                batch_size=batch_size,
+                seed=seed,
+            )
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--perplexity") from exc
+        results["perplexity"] = {"reference": reference, **report}
+        typer.echo(divergence_table(report))
+    if output is not None:
+        write_json(results, output)
+        typer.echo(f"wrote {output}")
+
+
+def _harness():
+    """The lm-eval adapter module, or a usage error when lm-eval is not installed."""
+    try:
+        from optiq_dhara.evaluate import harness
+    except ImportError as exc:
+        raise typer.BadParameter(
+            f"--tasks needs lm-evaluation-harness ({exc}): pip install 'optiq-dhara[eval]'",
+            param_hint="--tasks",
+        ) from exc
+    return harness

@@ -76,6 +76,27 @@ class ModelArgs(BaseModelArgs):
         return self.logit_softcap if self.use_logit_softcap and self.logit_softcap else None
 
 
+@mx.compile
+def canon_conv(x, history, weight, bias, valid, residual: bool, activation: bool) -> mx.array:
+    """Causal depthwise conv of x [B, L, C] whose K-1 previous inputs are ``history``.
+
+    Written as K shifted multiply-adds (in the order of ``mx.conv1d``, so the sums
+    are the same) because the CPU backend's grouped conv is slow at these shapes.
+    """
+    inputs = mx.concatenate([history, x], axis=1)
+    if valid is not None:
+        inputs = mx.where(valid, inputs, 0)
+    length = x.shape[1]
+    y = inputs[:, :length] * weight[:, 0, 0]
+    for j in range(1, weight.shape[1]):
+        y = y + inputs[:, j : j + length] * weight[:, j, 0]
+    if bias is not None:
+        y = y + bias
+    if activation:
+        y = nn.silu(y)
+    return x + y if residual else y
+
+
 class Canon(nn.Module):
     """Causal depthwise conv over the sequence, with an optional residual."""
 
@@ -89,15 +110,10 @@ class Canon(nn.Module):
 
     def __call__(self, x: mx.array, history: mx.array, valid: Optional[mx.array]) -> mx.array:
         """x [B, L, C]; history [B, K-1, C]: the inputs just before x."""
-        inputs = mx.concatenate([history, x], axis=1)
-        if valid is not None:
-            inputs = mx.where(valid, inputs, 0)
-        y = mx.conv1d(inputs, self.conv.weight, groups=x.shape[-1])
-        if "bias" in self.conv:
-            y = y + self.conv.bias
-        if self.activation:
-            y = nn.silu(y)
-        return x + y if self.residual else y
+        bias = self.conv.bias if "bias" in self.conv else None
+        return canon_conv(
+            x, history, self.conv.weight, bias, valid, self.residual, self.activation
+        )
 
 
 class CanonStep:

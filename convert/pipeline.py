@@ -1,0 +1,301 @@
+"""``convert``: a Hugging Face dhara checkpoint to an MLX directory, optionally mixed-precision.
+
+Without a target it only converts (MLX layout, chosen dtype). With
+``target_bpw`` it measures each quantizable module's KL sensitivity on
+calibration text, gives each module the candidate bits that save the most KL per
+stored bit within the budget, writes the model with one quantization entry per
+module in config.json, checks the written files carry that plan, and scores the
+mix and uniform 4- and 8-bit models on held-out text (``quantization_report.json``).
+"""
+
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import load_model, save_config, save_model
+
+from optiq_dhara.quantize.allocate import allocate, module_points
+from optiq_dhara.quantize.apply import (
+    as_float32,
+    module_bits,
+    quantization_config,
+    quantize_to_plan,
+    stored_bytes,
+    stored_plan,
+)
+from optiq_dhara.quantize.calibration import load_calibration
+from optiq_dhara.quantize.modules import (
+    Quantizable,
+    check_candidates,
+    check_group_size,
+    float_bits,
+    parameter_count,
+    quantizable_modules,
+    scale_bits,
+)
+from optiq_dhara.quantize.sensitivity import (
+    Sensitivities,
+    load_sensitivities,
+    measure_sensitivities,
+)
+
+from .report import evaluate_variants
+from .source import DTYPES, Source, cast, load_source, resolve_dtype
+from .writer import atomic_directory, check_destination
+
+PathLike = Union[str, Path]
+DEFAULT_BITS = (4, 8)
+DEFAULT_GROUP_SIZE = 64
+DEFAULT_SAMPLES = 16
+DEFAULT_SEQ_LEN = 256
+REPORT = "quantization_report.json"
+SENSITIVITIES = "sensitivities.json"
+EXTRA_FILES = ("generation_config.json",)
+
+
+def convert(
+    hf_path: str,
+    mlx_path: PathLike,
+    target_bpw: Optional[float] = None,
+    candidate_bits: Optional[Sequence[int]] = None,
+    group_size: Optional[int] = None,
+    calibration: Optional[PathLike] = None,
+    num_samples: Optional[int] = None,
+    seq_len: Optional[int] = None,
+    dtype: Optional[str] = None,
+    sensitivities: Optional[PathLike] = None,
+    force: bool = False,
+    *,
+    sensitivity_method: str = "auto",
+    held_out_samples: int = 8,
+    block_len: int = 32,
+    seed: int = 0,
+    revision: Optional[str] = None,
+) -> dict:
+    """Convert ``hf_path`` (directory or Hub id) into ``mlx_path``; returns the report.
+
+    Raises ValueError, naming the offending input, for a bad source, destination,
+    budget, candidate bits, group size or calibration file. ``mlx_path`` is
+    written atomically and an existing one is replaced only with ``force``.
+    """
+    started = time.perf_counter()
+    dst = Path(mlx_path)
+    check_destination(dst, force)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    quant_only = {
+        "candidate_bits": candidate_bits,
+        "group_size": group_size,
+        "calibration": calibration,
+        "num_samples": num_samples,
+        "seq_len": seq_len,
+        "sensitivities": sensitivities,
+    }
+    if target_bpw is None:
+        given = [name for name, value in quant_only.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply when quantizing: add a target bpw")
+    bits = check_candidates(candidate_bits or DEFAULT_BITS, group_size or DEFAULT_GROUP_SIZE)
+    group_size = group_size or DEFAULT_GROUP_SIZE
+
+    source = load_source(hf_path, revision)
+    if dst.resolve() == source.path.resolve():
+        raise ValueError(f"destination {dst} is the source checkpoint; write somewhere else")
+    out_dtype = resolve_dtype(dtype, source.config, source.model)
+    model = cast(source.model, out_dtype)
+    config = {**source.config, "torch_dtype": _dtype_name(out_dtype)}
+
+    if target_bpw is None:
+        mx.eval(model.parameters())
+        with atomic_directory(dst, force) as tmp:
+            _write(tmp, model, config, source)
+        return {"quantized": False, "dtype": config["torch_dtype"], "size_mb": stored_bytes(dst) / 1e6}
+
+    modules = quantizable_modules(model)
+    check_group_size(modules, group_size)
+    budget = Budget.of(model, modules, bits, group_size)
+    budget.check(target_bpw)
+    data = load_calibration(
+        source.tokenizer,
+        Path(calibration) if calibration is not None else None,
+        num_samples or DEFAULT_SAMPLES,
+        seq_len or DEFAULT_SEQ_LEN,
+        held_out_samples,
+    )
+    reference = as_float32(copy.deepcopy(model))
+    phases = {}
+    tick = time.perf_counter()
+    if sensitivities is not None:
+        sens = load_sensitivities(Path(sensitivities), modules, bits, group_size)
+    else:
+        sens = measure_sensitivities(
+            reference,
+            data.calibration,
+            modules,
+            bits,
+            group_size,
+            dtype=out_dtype,
+            budget=budget.for_modules(target_bpw),
+            scale_bits=budget.scale_bits,
+            method=sensitivity_method,
+            block_len=block_len,
+            seed=seed,
+        )
+    phases["sensitivities"] = time.perf_counter() - tick
+
+    points = module_points(modules, sens.kl(), bits, group_size, budget.scale_bits)
+    plan = allocate(points, budget.for_modules(target_bpw)).bits
+    quantize_to_plan(model, plan, group_size)
+    config["quantization"] = quantization_config(plan, group_size)
+
+    with atomic_directory(dst, force) as tmp:
+        tick = time.perf_counter()
+        _write(tmp, model, config, source)
+        achieved = _verify(tmp, modules, plan, group_size, budget, target_bpw)
+        phases["write"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        variants: dict[str, Callable[[], nn.Module]] = {
+            "mix": lambda: as_float32(load_model(tmp)[0]),
+            "uniform_4": lambda: _uniform(reference, modules, 4, group_size, out_dtype),
+            "uniform_8": lambda: _uniform(reference, modules, 8, group_size, out_dtype),
+        }
+        held_out = evaluate_variants(reference, variants, data.held_out, block_len=block_len, seed=seed)
+        phases["held_out_evaluation"] = time.perf_counter() - tick
+        sens.save(tmp / SENSITIVITIES)
+        report = _report(
+            hf_path, source, sens, plan, modules, group_size, target_bpw, achieved,
+            stored_bytes(tmp), budget, data, held_out, phases, time.perf_counter() - started,
+        )
+        (tmp / REPORT).write_text(json.dumps(report, indent=2))
+    return report
+
+
+class Budget:
+    """Stored bits of the float parts and of each quantized module, against the parameter count."""
+
+    def __init__(self, parameters: int, fixed: int, scale_bits: int, low: int, high: int):
+        self.parameters = parameters
+        self.fixed = fixed
+        self.scale_bits = scale_bits
+        self.low = low
+        self.high = high
+
+    @classmethod
+    def of(cls, model: nn.Module, modules: list[Quantizable], bits: tuple[int, ...], group_size: int):
+        sb = scale_bits(model)
+        fixed = float_bits(model, [m.path for m in modules])
+        low = sum(m.stored_bits(bits[0], group_size, sb) for m in modules)
+        high = sum(m.stored_bits(bits[-1], group_size, sb) for m in modules)
+        return cls(parameter_count(model), fixed, sb, low, high)
+
+    def bpw(self, module_bits: int) -> float:
+        return (self.fixed + module_bits) / self.parameters
+
+    def check(self, target_bpw: float) -> None:
+        low, high = self.bpw(self.low), self.bpw(self.high)
+        if not math.isfinite(target_bpw) or target_bpw < low:
+            raise ValueError(
+                f"target bpw {target_bpw} is below the cost of the lowest candidate: every "
+                f"module at its fewest bits already takes {low:.3f} bits per weight"
+            )
+        if target_bpw > high:
+            raise ValueError(
+                f"target bpw {target_bpw} is above the cost of the highest candidate "
+                f"({high:.3f} bits per weight with every module at its most bits): lower "
+                "the target or add larger candidate bits"
+            )
+
+    def for_modules(self, target_bpw: float) -> int:
+        """Bits left for the quantized modules under the target."""
+        return math.floor(target_bpw * self.parameters) - self.fixed
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+def _write(tmp: Path, model: nn.Module, config: dict, source: Source) -> None:
+    save_model(tmp, model)
+    save_config(dict(config), tmp / "config.json")
+    source.tokenizer.save_pretrained(str(tmp))
+    for name in EXTRA_FILES:
+        if (source.path / name).is_file():
+            shutil.copy(source.path / name, tmp / name)
+
+
+def _verify(
+    tmp: Path,
+    modules: list[Quantizable],
+    plan: dict[str, int],
+    group_size: int,
+    budget: Budget,
+    target_bpw: float,
+) -> float:
+    """The written files carry exactly the plan and fit the budget; returns the achieved bpw."""
+    written = stored_plan(tmp, {m.path: m.shape[1] for m in modules})
+    expected = {path: (bits, group_size) for path, bits in plan.items()}
+    if written != expected:
+        odd = sorted(p for p in set(written) | set(expected) if written.get(p) != expected.get(p))
+        raise RuntimeError(
+            f"the written weights do not carry the planned bits: {odd[0]} is "
+            f"{written.get(odd[0])}, planned {expected.get(odd[0])}"
+        )
+    loaded = module_bits(load_model(tmp, lazy=True)[0])
+    if loaded != plan:
+        raise RuntimeError("mlx_lm.load does not give each module its planned bits")
+    achieved = stored_bytes(tmp) * 8 / budget.parameters
+    if achieved > target_bpw:
+        raise RuntimeError(f"the written model takes {achieved:.4f} bpw, over the target {target_bpw}")
+    return achieved
+
+
+def _uniform(reference: nn.Module, modules: list[Quantizable], bits: int, group_size: int, dtype):
+    model = cast(copy.deepcopy(reference), dtype)
+    quantize_to_plan(model, {m.path: bits for m in modules}, group_size)
+    return as_float32(model)
+
+
+def _report(
+    hf_path, source, sens: Sensitivities, plan, modules, group_size, target_bpw, achieved,
+    size, budget: Budget, data, held_out, phases, seconds,
+) -> dict:
+    kl = sens.kl()
+    counts: dict[str, int] = {}
+    for b in plan.values():
+        counts[str(b)] = counts.get(str(b), 0) + 1
+    return {
+        "source": hf_path,
+        "target_bpw": target_bpw,
+        "achieved_bpw": achieved,
+        "size_mb": size / 1e6,
+        "parameters": budget.parameters,
+        "group_size": group_size,
+        "candidate_bits": list(sens.candidate_bits),
+        "modules_per_bits": counts,
+        "layers": {
+            m.path: {
+                "bits": plan[m.path],
+                "group_size": group_size,
+                "sensitivity": {str(b): v for b, v in kl[m.path].items()},
+                "measured": sens.modules[m.path].measured,
+            }
+            for m in modules
+        },
+        "sensitivity": {
+            k: v for k, v in sens.as_dict().items() if k not in ("modules", "format")
+        },
+        "calibration": {
+            "source": data.source,
+            "samples": data.calibration.shape[0],
+            "held_out_samples": data.held_out.shape[0],
+            "seq_len": data.calibration.shape[1],
+        },
+        "held_out": held_out,
+        "seconds": {**phases, "total": seconds},
+    }

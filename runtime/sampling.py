@@ -1,0 +1,142 @@
+"""Turning logits into tokens, identically in every decoding mode.
+
+The randomness of a sampled token depends only on the seed and the token's
+absolute position in the sequence, never on how many forwards came before. So
+self-speculation, which verifies several positions in one forward, draws exactly
+the token that AR would draw at each position, and a batch row draws what the
+same prompt draws alone.
+"""
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import mlx.core as mx
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How to pick a token from a distribution; temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}."
+            )
+
+    def with_seed(self) -> "Sampling":
+        """A copy with a concrete seed: drawn from MLX's global generator when unset."""
+        if self.seed is not None or self.greedy:
+            return self
+        seed = mx.random.randint(0, 1 << 31, shape=()).item()
+        return Sampling(
+            self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty, seed
+        )
+
+
+def _mix64(x: int) -> int:
+    """The splitmix64 finalizer: a bijective scramble of 64 bits."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def position_key(seed: int, position: int) -> mx.array:
+    """The PRNG key of the token at absolute ``position`` under ``seed``."""
+    return mx.random.key(_mix64(_mix64(seed & _MASK64) ^ position))
+
+
+def presence(tokens: Sequence[int], vocab_size: int) -> mx.array:
+    """[vocab] bool: which ids occur in ``tokens`` (the repetition-penalty context)."""
+    seen = mx.zeros((vocab_size,), mx.bool_)
+    if tokens:
+        seen[mx.array(list(tokens))] = True
+    return seen
+
+
+def adjust_logits(
+    logits: mx.array, seen: Optional[mx.array], sampling: Sampling, mask_id: int
+) -> mx.array:
+    """float32 logits with MASK suppressed and the repetition penalty applied.
+
+    The penalty divides a seen token's positive logit and multiplies a negative
+    one (``l/p if l > 0 else l*p``), once per token however often it was seen.
+    """
+    logits = logits.astype(mx.float32)
+    vocab = mx.arange(logits.shape[-1])
+    logits = mx.where(vocab == mask_id, -mx.inf, logits)
+    p = sampling.repetition_penalty
+    if p != 1.0 and seen is not None:
+        penalized = mx.where(logits > 0, logits / p, logits * p)
+        logits = mx.where(seen, penalized, logits)
+    return logits
+
+
+def log_softmax(x: mx.array) -> mx.array:
+    return x - mx.logsumexp(x, axis=-1, keepdims=True)
+
+
+def filtered_logprobs(logits: mx.array, sampling: Sampling) -> mx.array:
+    """Log-probabilities at the temperature, after top-k, then top-p, then min-p.
+
+    Filtered-out tokens get -inf; each filter sees the distribution left by the
+    one before it. Requires temperature > 0.
+    """
+    logprobs = log_softmax(logits / sampling.temperature)
+    vocab = logprobs.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth = mx.sort(logprobs, axis=-1)[..., vocab - sampling.top_k, None]
+        logprobs = mx.where(logprobs >= kth, logprobs, -mx.inf)
+    if sampling.top_p < 1.0:
+        logprobs = log_softmax(logprobs)
+        order = mx.argsort(-logprobs, axis=-1)
+        ranked = mx.take_along_axis(logprobs, order, axis=-1)
+        before = mx.cumsum(mx.exp(ranked), axis=-1) - mx.exp(ranked)
+        keep_ranked = before < sampling.top_p
+        keep = mx.put_along_axis(mx.zeros_like(keep_ranked), order, keep_ranked, axis=-1)
+        logprobs = mx.where(keep, logprobs, -mx.inf)
+    if sampling.min_p > 0.0:
+        logprobs = log_softmax(logprobs)
+        floor = logprobs.max(axis=-1, keepdims=True) + mx.log(mx.array(sampling.min_p))
+        logprobs = mx.where(logprobs >= floor, logprobs, -mx.inf)
+    return log_softmax(logprobs)
+
+
+def gumbel_noise(seed: int, positions: Sequence[int], vocab_size: int) -> mx.array:
+    """[len(positions), vocab] Gumbel noise, one independent draw per position."""
+    return mx.stack(
+        [mx.random.gumbel((vocab_size,), key=position_key(seed, p)) for p in positions]
+    )
+
+
+def choose(logits: mx.array, sampling: Sampling, positions: Sequence[int]) -> mx.array:
+    """Tokens [N] from adjusted logits [N, vocab], row i being the token at ``positions[i]``.
+
+    Greedy is the argmax; otherwise the Gumbel-max draw from the filtered
+    distribution with the noise of (seed, position).
+    """
+    if sampling.greedy:
+        return mx.argmax(logits, axis=-1)
+    logprobs = filtered_logprobs(logits, sampling)
+    noise = gumbel_noise(sampling.seed, positions, logits.shape[-1])
+    return mx.argmax(logprobs + noise, axis=-1)

@@ -1,0 +1,61 @@
+"""The knobs of a decoding run, checked once before any model call."""
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .sampling import Sampling
+
+MODES = ("ar", "diffusion", "spec")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Mode and stopping rules; ``block_len``/``threshold`` are diffusion's (and
+    the draft grid of spec), ``k`` is spec's window (anchor + k-1 drafts)."""
+
+    mode: str
+    max_tokens: int
+    stop_ids: frozenset
+    block_len: int = 32
+    threshold: float = 0.5
+    k: int = 8
+
+    def through_stop(self, tokens: list[int]) -> list[int]:
+        """``tokens`` up to and including the first stop token."""
+        for i, token in enumerate(tokens):
+            if token in self.stop_ids:
+                return tokens[: i + 1]
+        return tokens
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}.")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}.")
+        if self.block_len < 1:
+            raise ValueError(f"block_len must be >= 1, got {self.block_len}.")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}.")
+        if self.k < 2:
+            raise ValueError(
+                f"k must be >= 2 (the anchor plus at least one draft token), got {self.k}."
+            )
+
+
+def check_prompt(prompt_ids: Sequence[int], vocab_size: int, what: str = "prompt") -> list[int]:
+    """The prompt as a list of ints, or a ValueError naming the bad id."""
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+        raise ValueError(f"{what} is empty; give at least one token id.")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(
+            f"{what} has token id {bad[0]} outside the vocabulary [0, {vocab_size}); "
+            "was it encoded with this model's tokenizer?"
+        )
+    return ids
+
+
+def check_all(settings: Settings, sampling: Sampling) -> None:
+    settings.validate()
+    sampling.validate()

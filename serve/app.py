@@ -1,0 +1,280 @@
+"""The OpenAI-compatible HTTP API over an Engine: routes, API key, limits and errors.
+
+Everything a request can get wrong is answered with a 4xx before the request
+reaches the worker: the body is parsed by the pydantic models, the prompt is
+tokenized here to check it against the context, and a streamed request waits
+for its first chunk (which is where the runtime checks its arguments) before
+the 200 goes out. Any other failure is a 500 with an error body; the server
+itself keeps running.
+"""
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+
+from jinja2 import TemplateError
+from pydantic import BaseModel, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .engine import Engine
+from .errors import APIError, from_validation, invalid, server_error
+from .responses import Completion, ToolCallStream, sse, tool_result
+from .schemas import ChatCompletionRequest, CompletionRequest, DecodeRequest, Mode
+
+log = logging.getLogger("optiq_dhara.serve")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the server is started with; a request may override ``mode`` and ``max_tokens``."""
+
+    model_id: str
+    mode: Mode = "spec"
+    api_key: Optional[str] = None
+    max_tokens: int = 512
+    max_context: int = 8192
+
+
+def create_app(engine: Engine, config: ServerConfig) -> Starlette:
+    """The Starlette app serving ``engine`` (already started)."""
+    api = _API(engine, config)
+    routes = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/v1/models", api.guarded(api.models), methods=["GET"]),
+        Route("/v1/chat/completions", api.guarded(api.chat), methods=["POST"]),
+        Route("/v1/completions", api.guarded(api.completions), methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Unknown paths and wrong methods, in the OpenAI error shape."""
+    return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+
+
+async def _read(request: Request, schema: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise invalid(
+            f"The request body is not valid JSON ({exc}); send a JSON object.", code="invalid_json"
+        ) from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation(exc) from None
+
+
+def _finish_reason(last: Any, tool_calls: list) -> str:
+    if tool_calls:
+        return "tool_calls"
+    return (last.finish_reason if last is not None else None) or "stop"
+
+
+def _generated(last: Any) -> int:
+    return last.stats.generated if last is not None else 0
+
+
+class _API:
+    def __init__(self, engine: Engine, config: ServerConfig):
+        self.engine, self.config = engine, config
+
+    def guarded(self, handler: Handler) -> Handler:
+        """``handler`` behind the API key, with every exception turned into an error body."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                self._authorize(request)
+                return await handler(request)
+            except APIError as exc:
+                return exc.response()
+            except ValueError as exc:  # the runtime refused an argument
+                return invalid(str(exc)).response()
+            except Exception as exc:
+                log.exception("request failed: %s %s", request.method, request.url.path)
+                return server_error(exc).response()
+
+        return endpoint
+
+    def _authorize(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), key.encode()
+        ):
+            raise APIError(
+                401,
+                "Incorrect API key provided; send it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
+
+    async def health(self, request: Request) -> Response:
+        if not self.engine.alive:
+            return APIError(503, "The model worker is not running.", type="server_error").response()
+        return JSONResponse(
+            {"status": "ok", "model": self.config.model_id, "queued": self.engine.pending}
+        )
+
+    async def models(self, request: Request) -> Response:
+        model = {"id": self.config.model_id, "object": "model", "created": 0, "owned_by": "optiq-dhara"}
+        return JSONResponse({"object": "list", "data": [model]})
+
+    async def chat(self, request: Request) -> Response:
+        body: ChatCompletionRequest = await _read(request, ChatCompletionRequest)
+        tools = body.template_tools()
+        messages = [message.template_dict() for message in body.messages]
+        try:
+            prompt = self.engine.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True
+            )
+        except TemplateError as exc:
+            raise invalid(f"The chat template rejected the messages: {exc}", "messages") from None
+        return await self._respond(body, prompt, body.token_limit, Completion(True, self.config.model_id), bool(tools))
+
+    async def completions(self, request: Request) -> Response:
+        body: CompletionRequest = await _read(request, CompletionRequest)
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            prompt = self.engine.tokenizer.encode(prompt)
+        if not prompt:
+            raise invalid("The prompt is empty; give at least one token.", "prompt")
+        return await self._respond(body, prompt, body.token_limit, Completion(False, self.config.model_id), False)
+
+    def _budget(self, requested: Optional[int], prompt_tokens: int) -> int:
+        """max_tokens for the run: the request's, or the server default, within the context."""
+        limit = self.config.max_context
+        room = limit - prompt_tokens
+        if room < 1:
+            raise invalid(
+                f"This model's maximum context length is {limit} tokens, and the prompt has "
+                f"{prompt_tokens}; shorten the prompt.",
+                "messages",
+                "context_length_exceeded",
+            )
+        if requested is None:
+            return min(self.config.max_tokens, room)
+        if requested > room:
+            raise invalid(
+                f"This model's maximum context length is {limit} tokens; the prompt has "
+                f"{prompt_tokens} and max_tokens asks for {requested} more. Lower max_tokens "
+                "or shorten the prompt.",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        return requested
+
+    async def _respond(
+        self,
+        body: DecodeRequest,
+        prompt: list[int],
+        requested: Optional[int],
+        reply: Completion,
+        tools: bool,
+    ) -> Response:
+        options = dict(
+            mode=body.mode or self.config.mode,
+            max_tokens=self._budget(requested, len(prompt)),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            stop=tuple(body.stop),
+            block_len=body.block_len,
+            threshold=body.threshold,
+            k=body.k,
+        )
+        chunks = self.engine.stream(prompt, **options)
+        if not body.stream:
+            return JSONResponse(await self._collect(reply, chunks, len(prompt), tools))
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            first = None
+        events = self._events(reply, first, chunks, len(prompt), body.include_usage, tools)
+        return StreamingResponse(events, media_type="text/event-stream")
+
+    async def _collect(self, reply: Completion, chunks, prompt_tokens: int, tools: bool) -> dict:
+        text, last = "", None
+        async for chunk in chunks:
+            text, last = text + chunk.text, chunk
+        content, calls = tool_result(text) if tools else (text, [])
+        return reply.whole(content, _finish_reason(last, calls), prompt_tokens, _generated(last), calls)
+
+    async def _events(
+        self,
+        reply: Completion,
+        first: Any,
+        chunks: AsyncIterator[Any],
+        prompt_tokens: int,
+        include_usage: bool,
+        tools: bool,
+    ) -> AsyncIterator[str]:
+        """The SSE stream: a chunk per final piece of text, tool calls, finish, usage, [DONE]."""
+        held = ToolCallStream() if tools else None
+        last = None
+        try:
+            if reply.chat:
+                yield sse(reply.chunk(role=True))
+            pending = first
+            while pending is not None:
+                last = pending
+                text = held.feed(pending.text) if held else pending.text
+                if text:
+                    yield sse(reply.chunk(text))
+                pending = await anext(chunks, None)
+            content, calls = held.finish() if held else ("", [])
+            if content:
+                yield sse(reply.chunk(content))
+            if calls:
+                yield sse(reply.chunk(tool_calls=calls))
+            yield sse(reply.chunk(finish_reason=_finish_reason(last, calls)))
+            if include_usage:
+                yield sse(reply.usage_chunk(prompt_tokens, _generated(last)))
+            yield sse("[DONE]")
+        except Exception as exc:  # headers are out: report in the stream
+            log.exception("stream failed")
+            error = invalid(str(exc)) if isinstance(exc, ValueError) else server_error(exc)
+            yield sse(error.body())
+        finally:
+            await chunks.aclose()
+
+
+def run_server(
+    load: Callable[[], tuple[Any, Any]],
+    *,
+    model_id: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    mode: Mode = "spec",
+    api_key: Optional[str] = None,
+    max_tokens: int = 512,
+    max_context: Optional[int] = None,
+    prefix_cache: bool = True,
+    log_level: str = "info",
+) -> None:
+    """Load the model on the worker and serve it with uvicorn until interrupted.
+
+    The context defaults to the model's ``max_position_embeddings``, else 8192.
+    """
+    import uvicorn
+
+    engine = Engine(load, prefix_cache=prefix_cache).start()
+    context = max_context or engine.model.args.max_position_embeddings or 8192
+    config = ServerConfig(model_id, mode, api_key, max_tokens, context)
+    try:
+        uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level)
+    finally:
+        engine.close()

@@ -1,0 +1,143 @@
+"""Pydantic models of the request bodies the server accepts.
+
+Every bound a decode needs is checked here, so a request that passes validation
+cannot fail inside the worker for a reason the client could have avoided.
+Unknown fields are ignored (clients send many optional OpenAI fields); the ones
+that would change the answer and are not supported (``n`` > 1, ``logprobs``)
+are refused rather than silently dropped.
+"""
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Mode = Literal["ar", "diffusion", "spec"]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class DecodeRequest(BaseModel):
+    """The fields shared by chat and text completions: sampling, mode and stopping."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: Optional[Union[str, list[str]]] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    mode: Optional[Mode] = None
+    block_len: int = Field(32, ge=1, le=1024)
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    k: int = Field(8, ge=2, le=256)
+    n: int = Field(1, ge=1, le=1)
+    logprobs: Optional[Union[bool, int]] = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else (stop or [])
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs):
+        if logprobs:
+            raise ValueError("logprobs are not supported by this server")
+        return logprobs
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: Union[str, dict[str, Any]]
+
+
+class ToolCall(BaseModel):
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Optional[Union[str, list[TextPart]]] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
+
+    def template_dict(self) -> dict:
+        """The message as the chat template reads it (text parts joined, developer = system)."""
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        message: dict[str, Any] = {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": content,
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        return message
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(min_length=1)
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChatCompletionRequest(DecodeRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+    def template_tools(self) -> Optional[list[dict]]:
+        """The tools for the chat template, or None when there are none or they are off."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    @property
+    def token_limit(self) -> Optional[int]:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(DecodeRequest):
+    prompt: Union[str, list[int]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, prompt):
+        if isinstance(prompt, list) and (not prompt or min(prompt) < 0):
+            raise ValueError("a token prompt must be a non-empty list of ids >= 0")
+        return prompt
+
+    @property
+    def token_limit(self) -> Optional[int]:
+        return self.max_tokens
