@@ -1,1 +1,87 @@
-"""`dhara-mlx bench`."""
+"""`dhara-mlx bench`: speed of AR, block diffusion and self-speculation."""
+
+import json
+import os
+import tempfile
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import app
+from .generate import BlockLen, Mode, SpecK, Threshold, load_model
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically: a temp file in the same folder, then rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+@app.command()
+def bench(
+    model: Annotated[
+        Optional[str],
+        typer.Option("--model", "-m", help="Model directory; default: random dhara-250m-shaped weights."),
+    ] = None,
+    dtype: Annotated[DType, typer.Option(help="dtype of the random weights.")] = DType.float32,
+    prompt_lens: Annotated[
+        list[int], typer.Option("--prompt-len", min=1, help="Prompt length (repeatable).")
+    ] = [16, 512],
+    modes: Annotated[list[Mode], typer.Option("--mode", help="Mode to time (repeatable).")] = [
+        Mode.ar,
+        Mode.diffusion,
+        Mode.spec,
+    ],
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per run.")] = 16,
+    block_len: BlockLen = 32,
+    threshold: Threshold = 0.5,
+    k: SpecK = 8,
+    reference: Annotated[
+        bool, typer.Option(help="Also time the uncached diffusion reference at the longest prompt.")
+    ] = True,
+    seed: Annotated[int, typer.Option(help="Seed of the random weights and prompts.")] = 0,
+    json_path: Annotated[
+        Optional[Path], typer.Option("--json", help="Also write the results to this JSON file.")
+    ] = None,
+) -> None:
+    """Time each decoding mode: tokens/s, tokens per forward, drafts accepted per round,
+    time to first token, peak memory and weight bandwidth (model bytes x tokens/s)."""
+    import mlx.core as mx
+
+    from optiq_dhara.runtime import bench as runtime_bench
+
+    if model is None:
+        loaded = runtime_bench.random_model(getattr(mx, dtype.value), seed)
+        name = f"random dhara-250m {dtype.value}"
+    else:
+        loaded, _ = load_model(model)
+        name = Path(model).name
+    rows, ref = runtime_bench.run_bench(
+        loaded,
+        name,
+        prompt_lengths=prompt_lens,
+        modes=[m.value for m in modes],
+        max_tokens=max_tokens,
+        block_len=block_len,
+        threshold=threshold,
+        k=k,
+        reference=reference,
+        seed=seed,
+        progress=lambda row: typer.echo(
+            f"{row.mode:>9} prompt {row.prompt_tokens:>5}: {row.tokens_per_second:.2f} tok/s", err=True
+        ),
+    )
+    typer.echo(runtime_bench.format_results(rows, ref))
+    if json_path is not None:
+        _write_json(json_path, runtime_bench.as_dicts(rows, ref))

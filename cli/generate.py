@@ -1,6 +1,7 @@
 """`dhara-mlx generate` and `dhara-mlx chat`, and the decoding options they share with `serve`."""
 
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -59,8 +60,9 @@ def load_model(path: str):
     try:
         return mlx_lm.load(path)
     except Exception as exc:
+        hint = "" if Path(path).exists() else " (no such directory, nor a reachable Hugging Face repo)"
         raise typer.BadParameter(
-            f"could not load a model from {path!r}: {exc}", param_hint="--model"
+            f"could not load a model from {path!r}{hint}: {exc}", param_hint="'--model'"
         ) from exc
 
 
@@ -119,28 +121,28 @@ def generate(
     if chat:
         source = [{"role": "system", "content": system}] if system else []
         source.append({"role": "user", "content": prompt})
+    chunks = stream_text(
+        loaded,
+        tokenizer,
+        source,
+        chat=chat,
+        stop=tuple(stop or ()),
+        mode=mode.value,
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        block_len=block_len,
+        threshold=threshold,
+        k=k,
+    )
     try:
-        chunks = stream_text(
-            loaded,
-            tokenizer,
-            source,
-            chat=chat,
-            stop=tuple(stop or ()),
-            mode=mode.value,
-            max_tokens=max_tokens,
-            temperature=temp,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            block_len=block_len,
-            threshold=threshold,
-            k=k,
-        )
-    except ValueError as exc:
+        _print_reply(chunks)
+    except ValueError as exc:  # the runtime refused the prompt or an option
         raise typer.BadParameter(str(exc)) from exc
-    _print_reply(chunks)
 
 
 @app.command()

@@ -10,7 +10,6 @@ mix and uniform 4- and 8-bit models on held-out text (``quantization_report.json
 
 import copy
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -30,14 +29,12 @@ from optiq_dhara.quantize.apply import (
     stored_plan,
 )
 from optiq_dhara.quantize.calibration import load_calibration
+from optiq_dhara.quantize.budget import Budget
 from optiq_dhara.quantize.modules import (
     Quantizable,
     check_candidates,
     check_group_size,
-    float_bits,
-    parameter_count,
     quantizable_modules,
-    scale_bits,
 )
 from optiq_dhara.quantize.sensitivity import (
     Sensitivities,
@@ -176,46 +173,6 @@ def convert(
     return report
 
 
-class Budget:
-    """Stored bits of the float parts and of each quantized module, against the parameter count."""
-
-    def __init__(self, parameters: int, fixed: int, scale_bits: int, low: int, high: int):
-        self.parameters = parameters
-        self.fixed = fixed
-        self.scale_bits = scale_bits
-        self.low = low
-        self.high = high
-
-    @classmethod
-    def of(cls, model: nn.Module, modules: list[Quantizable], bits: tuple[int, ...], group_size: int):
-        sb = scale_bits(model)
-        fixed = float_bits(model, [m.path for m in modules])
-        low = sum(m.stored_bits(bits[0], group_size, sb) for m in modules)
-        high = sum(m.stored_bits(bits[-1], group_size, sb) for m in modules)
-        return cls(parameter_count(model), fixed, sb, low, high)
-
-    def bpw(self, module_bits: int) -> float:
-        return (self.fixed + module_bits) / self.parameters
-
-    def check(self, target_bpw: float) -> None:
-        low, high = self.bpw(self.low), self.bpw(self.high)
-        if not math.isfinite(target_bpw) or target_bpw < low:
-            raise ValueError(
-                f"target bpw {target_bpw} is below the cost of the lowest candidate: every "
-                f"module at its fewest bits already takes {low:.3f} bits per weight"
-            )
-        if target_bpw > high:
-            raise ValueError(
-                f"target bpw {target_bpw} is above the cost of the highest candidate "
-                f"({high:.3f} bits per weight with every module at its most bits): lower "
-                "the target or add larger candidate bits"
-            )
-
-    def for_modules(self, target_bpw: float) -> int:
-        """Bits left for the quantized modules under the target."""
-        return math.floor(target_bpw * self.parameters) - self.fixed
-
-
 def _dtype_name(dtype: mx.Dtype) -> str:
     return str(dtype).split(".")[-1]
 
@@ -246,7 +203,10 @@ def _verify(
             f"the written weights do not carry the planned bits: {odd[0]} is "
             f"{written.get(odd[0])}, planned {expected.get(odd[0])}"
         )
-    loaded = module_bits(load_model(tmp, lazy=True)[0])
+    try:
+        loaded = module_bits(load_model(tmp, lazy=True)[0])
+    except ValueError as e:
+        raise RuntimeError(f"the written model does not load with mlx_lm: {e}") from e
     if loaded != plan:
         raise RuntimeError("mlx_lm.load does not give each module its planned bits")
     achieved = stored_bytes(tmp) * 8 / budget.parameters
@@ -271,6 +231,7 @@ def _report(
         counts[str(b)] = counts.get(str(b), 0) + 1
     return {
         "source": hf_path,
+        "quantized": True,
         "target_bpw": target_bpw,
         "achieved_bpw": achieved,
         "size_mb": size / 1e6,

@@ -1,10 +1,17 @@
 """Atomic output: the destination directory appears complete or not at all."""
 
+import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_destination(dst: Path, force: bool) -> None:
@@ -25,6 +32,7 @@ def atomic_directory(dst: Path, force: bool = False) -> Iterator[Path]:
     check_destination(dst, force)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
         check_destination(dst, force)

@@ -106,44 +106,60 @@ def score_rows(
     """(log-probability, all-greedy) of each row, in the order given.
 
     ``block_len`` None means the causal mask; otherwise the block-causal one.
-    ``exclude_id`` is a token left out of the softmax and the argmax.
+    ``exclude_id`` is a token left out of the softmax and the argmax. Rows with
+    the same inputs and scored positions share one forward: the choices of a
+    question whose answers are one token (AR), or of one length (diffusion).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r].inputs))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    groups: dict[tuple, list[int]] = {}
+    for r, row in enumerate(rows):
+        groups.setdefault((tuple(row.inputs), row.start), []).append(r)
+    keys = sorted(groups, key=lambda key: -len(key[0]))
+    batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
     results: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
     for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
-        chunk = [rows[r] for r in batch]
-        scores, greedy = _score_batch(model, chunk, block_len, exclude_id)
-        for r, score, top in zip(batch, scores, greedy):
+        members = [(u, r) for u, key in enumerate(batch) for r in groups[key]]
+        scores, greedy = _score_batch(
+            model,
+            [rows[groups[key][0]] for key in batch],
+            [u for u, _ in members],
+            [rows[r].targets for _, r in members],
+            block_len,
+            exclude_id,
+        )
+        for (_, r), score, top in zip(members, scores, greedy):
             results[r] = (score, top)
     return results
 
 
-def _score_batch(model, rows: Sequence[Row], block_len, exclude_id):
+def _score_batch(
+    model, rows: Sequence[Row], owners: list[int], targets: list, block_len, exclude_id
+):
+    """One forward over ``rows``; scores of each target list against its owner row."""
     lengths = [len(row.inputs) for row in rows]
     width = max(len(row.targets) for row in rows)
     inputs = np.full((len(rows), max(lengths)), PAD_ID, np.int32)
     positions = np.zeros((len(rows), width), np.int32)
-    targets = np.zeros((len(rows), width), np.int32)
-    scored = np.zeros((len(rows), width), bool)
     for b, row in enumerate(rows):
-        n = len(row.targets)
         inputs[b, : lengths[b]] = row.inputs
-        positions[b, :n] = np.arange(row.start, row.start + n)
-        targets[b, :n] = row.targets
-        scored[b, :n] = True
+        positions[b, : len(row.targets)] = np.arange(row.start, row.start + len(row.targets))
+    wanted = np.zeros((len(targets), width), np.int32)
+    scored = np.zeros((len(targets), width), bool)
+    for m, tokens in enumerate(targets):
+        wanted[m, : len(tokens)] = tokens
+        scored[m, : len(tokens)] = True
     mask = None if block_len is None else padded_block_causal_mask(lengths, block_len)
     logits = model(mx.array(inputs), mask=mask)
     logits = logits[mx.arange(len(rows))[:, None], mx.array(positions)].astype(mx.float32)
     if exclude_id is not None:
         logits[..., exclude_id] = -mx.inf
-    targets, scored = mx.array(targets), mx.array(scored)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    picked = mx.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    owner, wanted, scored = mx.array(owners)[:, None], mx.array(wanted), mx.array(scored)
+    picked = logprobs[owner, mx.arange(width)[None, :], wanted]
     total = mx.where(scored, picked, 0.0).sum(axis=-1)
-    greedy = mx.all(mx.logical_or(mx.argmax(logits, axis=-1) == targets, ~scored), axis=-1)
+    top = mx.argmax(logits, axis=-1)[owner[:, 0]]
+    greedy = mx.all(mx.logical_or(top == wanted, ~scored), axis=-1)
     return total.tolist(), greedy.tolist()
 
 

@@ -5,6 +5,15 @@ keys, zero-width values) of the same stock mlx-lm class as the attention cache.
 Everything mlx-lm does to a cache along the sequence axis (trim, save/load,
 merging into a batch, left and right padding, filtering) therefore moves the
 canon state together with the keys and values, exactly.
+
+Decoding reads the last K-1 canon inputs at every step. Reading them out of the
+store and writing the new inputs into it in the same graph would make MLX copy
+the whole store on each write (a buffer that is still read cannot be updated in
+place), so the cache also keeps those K-1 rows as a separate small array, the
+tail. The tail is derived state: it is used only while the store is the very
+array it was taken from, at the same size, and is rebuilt from the store
+otherwise, so whatever mlx-lm does to the store behind its back can cost a copy
+but never give a wrong answer.
 """
 
 from typing import Optional
@@ -15,6 +24,11 @@ from mlx_lm.models.cache import CacheList, KVCache
 
 class DharaCache(CacheList):
     """KV cache and canon-input store of one decoder layer."""
+
+    # Class-level defaults: ``from_state`` builds instances without ``__init__``.
+    _tail: Optional[mx.array] = None
+    _tail_source: Optional[mx.array] = None
+    _tail_size: int = -1
 
     def __init__(self, kv: Optional[object] = None, canon: Optional[object] = None):
         super().__init__(
@@ -43,22 +57,56 @@ class DharaCache(CacheList):
         """Quantize the keys and values; the canon history stays in float."""
         if not hasattr(self.kv, "to_quantized"):
             return self
-        return DharaCache(self.kv.to_quantized(group_size=group_size, bits=bits), self.canon)
+        quantized = DharaCache(self.kv.to_quantized(group_size=group_size, bits=bits), self.canon)
+        quantized._tail, quantized._tail_source, quantized._tail_size = (
+            self._tail,
+            self._tail_source,
+            self._tail_size,
+        )
+        return quantized
 
     def extract(self, idx: int) -> "DharaCache":
         return DharaCache(self.kv.extract(idx), self.canon.extract(idx))
 
-    def canon_history(self, length: int, width: int, dtype: mx.Dtype) -> mx.array:
-        """The last ``length`` canon inputs [B, length, width], zeros before the start."""
+    def trim(self, n: int) -> int:
+        """Roll KV and canon state back by ``n`` tokens; rebuild the tail now.
+
+        The tail is evaluated here, between forwards, so that the next forward
+        reads no row of the store it writes to.
+        """
+        trimmed = super().trim(n)
+        if self._tail is not None:
+            tail = self._history_from_store(mx.zeros_like(self._tail))
+            mx.eval(tail)
+            self._set_tail(tail)
+        return trimmed
+
+    def canon_history(self, zeros: mx.array) -> mx.array:
+        """The last K-1 canon inputs [B, K-1, width]; ``zeros`` of that shape when none.
+
+        Positions before the first token read as zeros.
+        """
+        store = self.canon
+        if (
+            self._tail is not None
+            and self._tail_source is store.keys
+            and self._tail_size == store.size()
+            and self._tail.shape == zeros.shape
+        ):
+            return self._tail
+        return self._history_from_store(zeros)
+
+    def _history_from_store(self, zeros: mx.array) -> mx.array:
+        """Rows of the store, always in a new buffer (never a view of the store)."""
         if self.canon.empty() or self.canon.size() == 0:
-            batch = self.kv.offset.size if isinstance(self.kv.offset, mx.array) else 1
-            return mx.zeros((batch, length, width), dtype)
+            return zeros
         stored, _ = self.canon.keys_and_values()
-        history = stored[:, 0, -length:, :]
-        missing = length - history.shape[1]
-        if missing > 0:
-            history = mx.pad(history, [(0, 0), (missing, 0), (0, 0)])
-        return history
+        length = zeros.shape[1]
+        history = stored[:, 0, stored.shape[2] - min(length, stored.shape[2]) :, :]
+        return mx.concatenate([zeros[:, history.shape[1] :], history], axis=1)
+
+    def _set_tail(self, tail: mx.array):
+        self._tail, self._tail_source, self._tail_size = tail, self.canon.keys, self.canon.size()
 
     def canon_valid(self, length: int, new: int) -> Optional[mx.array]:
         """[B, length + new, 1]: which of the history and new rows are real tokens.
@@ -73,7 +121,18 @@ class DharaCache(CacheList):
         positions = mx.arange(start - length, start + new)
         return (positions[None, :] >= left_padding[:, None])[..., None]
 
-    def append_canon(self, inputs: mx.array):
-        """Store the canon inputs [B, L, width] of the tokens just processed."""
-        empty = mx.zeros((*inputs.shape[:2], 0), inputs.dtype)
-        self.canon.update_and_fetch(inputs[:, None], empty[:, None])
+    def append_canon(self, history: mx.array, inputs: mx.array) -> mx.array:
+        """Store the canon inputs [B, L, width] that followed ``history``.
+
+        Returns the updated store, for the caller to make its output depend on,
+        so that the write is evaluated with the forward that produced it. The
+        write itself depends on the new tail, so evaluating the cache's state
+        also evaluates the tail (which then stops holding ``inputs``).
+        """
+        length = history.shape[1]
+        tail = mx.concatenate([history, inputs[:, inputs.shape[1] - min(length, inputs.shape[1]) :]], axis=1)
+        tail = tail[:, tail.shape[1] - length :]
+        rows = mx.depends(inputs, tail)[:, None]
+        self.canon.update_and_fetch(rows, mx.zeros((*rows.shape[:3], 0), rows.dtype))
+        self._set_tail(tail)
+        return self.canon.keys

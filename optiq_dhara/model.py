@@ -80,16 +80,22 @@ class ModelArgs(BaseModelArgs):
 def canon_conv(x, history, weight, bias, valid, residual: bool, activation: bool) -> mx.array:
     """Causal depthwise conv of x [B, L, C] whose K-1 previous inputs are ``history``.
 
-    Written as K shifted multiply-adds (in the order of ``mx.conv1d``, so the sums
-    are the same) because the CPU backend's grouped conv is slow at these shapes.
+    ``weight`` is MLX's conv layout (C, K, 1); tap j multiplies input t - K + 1 + j.
+    Written as multiply-adds over the taps, in ``mx.conv1d``'s order (so the sums
+    are the same), because the CPU backend's grouped conv is slow at these shapes;
+    a single decoded token is one multiply and one sum over its K inputs.
     """
     inputs = mx.concatenate([history, x], axis=1)
     if valid is not None:
         inputs = mx.where(valid, inputs, 0)
+    taps = weight.transpose(2, 1, 0)  # (1, K, C)
     length = x.shape[1]
-    y = inputs[:, :length] * weight[:, 0, 0]
-    for j in range(1, weight.shape[1]):
-        y = y + inputs[:, j : j + length] * weight[:, j, 0]
+    if length == 1:
+        y = (inputs * taps).sum(axis=1, keepdims=True)
+    else:
+        y = inputs[:, :length] * taps[:, :1]
+        for j in range(1, taps.shape[1]):
+            y = y + inputs[:, j : j + length] * taps[:, j : j + 1]
     if bias is not None:
         y = y + bias
     if activation:
@@ -98,7 +104,7 @@ def canon_conv(x, history, weight, bias, valid, residual: bool, activation: bool
 
 
 class Canon(nn.Module):
-    """Causal depthwise conv over the sequence, with an optional residual."""
+    """Parameters of one canon site: a depthwise ``conv`` (checkpoint name) and its flags."""
 
     def __init__(self, channels: int, args: ModelArgs):
         super().__init__()
@@ -108,19 +114,14 @@ class Canon(nn.Module):
             channels, channels, args.canon_kernel, groups=channels, bias=args.canon_bias
         )
 
-    def __call__(self, x: mx.array, history: mx.array, valid: Optional[mx.array]) -> mx.array:
-        """x [B, L, C]; history [B, K-1, C]: the inputs just before x."""
-        bias = self.conv.bias if "bias" in self.conv else None
-        return canon_conv(
-            x, history, self.conv.weight, bias, valid, self.residual, self.activation
-        )
-
 
 class CanonStep:
     """One forward's view of a layer's canon sites.
 
-    Hands each site its slice of the cached history and collects the new inputs,
-    which the layer then appends to the cache in one write.
+    Hands each site its slice of the cached history, runs its conv, and collects
+    the site's inputs, which the layer then appends to the cache in one write.
+    Several convs given for one site (B's q, k and v) run as one conv over their
+    concatenated channels.
     """
 
     def __init__(self, widths: dict[str, int], history: mx.array, valid: Optional[mx.array]):
@@ -133,11 +134,19 @@ class CanonStep:
         self.valid = valid
         self.inputs: list[mx.array] = []
 
-    def __call__(self, site: str, conv: Optional[Canon], x: mx.array) -> mx.array:
-        if conv is None:
+    def __call__(self, site: str, x: mx.array, *canons: Optional[Canon]) -> mx.array:
+        if canons[0] is None:
             return x
         self.inputs.append(x)
-        return conv(x, self.history[site], self.valid)
+        convs = [canon.conv for canon in canons]
+        weight = mx.concatenate([c.weight for c in convs]) if len(convs) > 1 else convs[0].weight
+        bias = None
+        if "bias" in convs[0]:
+            bias = mx.concatenate([c.bias for c in convs]) if len(convs) > 1 else convs[0].bias
+        first = canons[0]
+        return canon_conv(
+            x, self.history[site], weight, bias, self.valid, first.residual, first.activation
+        )
 
 
 class RotaryEmbedding(nn.Module):
@@ -151,30 +160,38 @@ class RotaryEmbedding(nn.Module):
         self.freeze()
 
 
-def rope_tables(inv_freqs: mx.array, offset, length: int, factor: float):
-    """cos and sin [layers, B, 1, L, head_dim/2] of every layer, in one computation.
+def rope_tables(inv_freqs: mx.array, offset, length: int, factor: float) -> list[tuple]:
+    """Per layer, (cos, signed sin) [B, 1, L, 2, head_dim/2] of its RoPE, all in one computation.
 
     ``offset`` is an int or, for a batch, one offset per row. Angles are
-    positions x inv_freq in float32, as the reference computes them.
+    positions x inv_freq in float32, as the reference computes them. The sin
+    table holds -sin for the first half of each head and +sin for the second,
+    the signs of rotate-half.
     """
     positions = mx.arange(length, dtype=mx.float32)
     if isinstance(offset, mx.array) and offset.ndim == 1:
         positions = offset[:, None].astype(mx.float32) + positions
     else:
         positions = (positions + offset)[None]
-    angles = positions[None, :, None, :, None] * inv_freqs[:, None, None, None, :]
+    angles = positions[None, :, None, :, None, None] * inv_freqs[:, None, None, None, None, :]
     cos, sin = mx.cos(angles), mx.sin(angles)
     if factor != 1.0:
         cos, sin = cos * factor, sin * factor
-    return cos, sin
+    sin = mx.concatenate([-sin, sin], axis=-2)
+    layers = inv_freqs.shape[0]
+    return list(zip(mx.split(cos, layers), mx.split(sin, layers)))
 
 
 @mx.compile
 def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate-half (non-interleaved) RoPE."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    """Rotate-half (non-interleaved) RoPE of x [B, H, L, D] with ``rope_tables``' tables.
+
+    With x seen as halves [x1, x2]: [x1 cos - x2 sin, x2 cos + x1 sin].
+    """
+    shape = x.shape
+    halves = x.reshape(*shape[:-1], 2, shape[-1] // 2)
+    rotated = halves * cos + halves[..., ::-1, :] * sin
+    return rotated.reshape(shape).astype(x.dtype)
 
 
 class Attention(nn.Module):
@@ -195,12 +212,16 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args)
+        q_width, kv_width = self.n_heads * head_dim, self.n_kv_heads * head_dim
+        self._qkv_splits = [q_width, q_width + kv_width]
 
     def __call__(self, x, mask, cache: Optional[DharaCache], canon: CanonStep, rope) -> mx.array:
         B, L, _ = x.shape
-        q = canon("b_q", self.canon_b_q, self.q_proj(x))
-        k = canon("b_k", self.canon_b_k, self.k_proj(x))
-        v = canon("b_v", self.canon_b_v, self.v_proj(x))
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.canon_b_q is not None:
+            qkv = mx.concatenate([q, k, v], axis=-1)
+            qkv = canon("b", qkv, self.canon_b_q, self.canon_b_k, self.canon_b_v)
+            q, k, v = mx.split(qkv, self._qkv_splits, axis=-1)
         q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
@@ -226,7 +247,20 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array, canon: CanonStep) -> mx.array:
         u = nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(canon("d", self.canon_d, u))
+        return self.down_proj(canon("d", u, self.canon_d))
+
+
+def canon_widths(args: ModelArgs) -> dict[str, int]:
+    """Channels of each canon site present, in the order the cache stores them."""
+    q_width = args.num_attention_heads * args.head_dim
+    kv_width = args.num_key_value_heads * args.head_dim
+    widths = {
+        "a": args.hidden_size if "A" in args.canon_set else 0,
+        "b": q_width + 2 * kv_width if "B" in args.canon_set else 0,
+        "c": args.hidden_size if "C" in args.canon_set else 0,
+        "d": args.intermediate_size if "D" in args.canon_set else 0,
+    }
+    return {site: width for site, width in widths.items() if width}
 
 
 class DecoderLayer(nn.Module):
@@ -238,33 +272,20 @@ class DecoderLayer(nn.Module):
         self.canon_c = Canon(args.hidden_size, args) if "C" in args.canon_set else None
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
-        q_width = args.num_attention_heads * args.head_dim
-        kv_width = args.num_key_value_heads * args.head_dim
-        widths = {
-            "a": args.hidden_size if "A" in args.canon_set else 0,
-            "b_q": q_width if "B" in args.canon_set else 0,
-            "b_k": kv_width if "B" in args.canon_set else 0,
-            "b_v": kv_width if "B" in args.canon_set else 0,
-            "c": args.hidden_size if "C" in args.canon_set else 0,
-            "d": args.intermediate_size if "D" in args.canon_set else 0,
-        }
-        self._canon_widths = {site: width for site, width in widths.items() if width}
-        self._canon_history = args.canon_kernel - 1
+        self._canon_widths = canon_widths(args)
 
-    def __call__(self, x, mask, cache: Optional[DharaCache], valid, rope) -> mx.array:
-        width = sum(self._canon_widths.values())
-        if cache is None:
-            history = mx.zeros((x.shape[0], self._canon_history, width), x.dtype)
-        else:
-            history = cache.canon_history(self._canon_history, width, x.dtype)
+    def __call__(self, x, mask, cache: Optional[DharaCache], history, valid, rope) -> mx.array:
+        """``history``: the canon history to use without a cache (zeros)."""
+        if cache is not None:
+            history = cache.canon_history(history)
         canon = CanonStep(self._canon_widths, history, valid)
-        a = canon("a", self.canon_a, self.input_layernorm(x))
+        a = canon("a", self.input_layernorm(x), self.canon_a)
         h = x + self.self_attn(a, mask, cache, canon, rope)
-        c = canon("c", self.canon_c, self.post_attention_layernorm(h))
+        c = canon("c", self.post_attention_layernorm(h), self.canon_c)
         out = h + self.mlp(c, canon)
         if cache is not None:
-            empty = [mx.zeros((*x.shape[:2], 0), x.dtype)]
-            cache.append_canon(mx.concatenate(canon.inputs or empty, axis=-1))
+            inputs = mx.concatenate(canon.inputs, axis=-1) if canon.inputs else history[:, :0]
+            out = mx.depends(out, cache.append_canon(history, inputs))
         return out
 
 
@@ -286,14 +307,15 @@ class DharaModel(nn.Module):
         first = cache[0]
         if mask is None:
             mask = create_attention_mask(h, first)
-        valid = None
-        if first is not None:
-            valid = first.canon_valid(self.args.canon_kernel - 1, h.shape[1])
+        history_len = self.args.canon_kernel - 1
+        valid = first.canon_valid(history_len, h.shape[1]) if first is not None else None
+        width = sum(canon_widths(self.args).values())
+        history = mx.zeros((h.shape[0], history_len, width), h.dtype)
         inv_freqs = mx.stack([layer.self_attn.rotary_emb.inv_freq for layer in self.layers])
         offset = first.offset if first is not None else 0
-        cos, sin = rope_tables(inv_freqs, offset, h.shape[1], self.rope_factor)
-        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache)):
-            h = layer(h, mask, layer_cache, valid, (cos[i], sin[i]))
+        ropes = rope_tables(inv_freqs, offset, h.shape[1], self.rope_factor)
+        for layer, layer_cache, rope in zip(self.layers, cache, ropes):
+            h = layer(h, mask, layer_cache, history, valid, rope)
         return self.norm(h)
 
 

@@ -42,12 +42,14 @@ from optiq_dhara.metrics import (
     target_nll,
 )
 
-from .allocate import Allocation, allocate, hull_steps, module_points
+from .allocate import allocate, hull_steps, module_points
 from .modules import Quantizable
 from .staged import ForwardCount, forward_from, forward_with_states, head
 
 Method = Literal["auto", "exact"]
 FORMAT = "optiq-dhara sensitivities v1"
+TINY = 1e-30  # KL floor: keeps ratios finite
+ESTIMATE_COST = 3 * len(MODES)  # a forward and a backward per sample and mode
 
 
 def fake_quantize(weight: mx.array, bits: int, group_size: int, dtype: mx.Dtype) -> mx.array:
@@ -123,10 +125,19 @@ def load_sensitivities(
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"sensitivities file {path} cannot be read: {e}") from e
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"sensitivities file {path} is not a {FORMAT!r} file")
+    try:
+        return _from_dict(data, path, modules, candidate_bits, group_size)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"sensitivities file {path} is malformed (bad or missing {e})") from e
+
+
+def _from_dict(
+    data: dict, path: Path, modules: list[Quantizable], candidate_bits: tuple[int, ...], group_size: int
+) -> Sensitivities:
     if data["group_size"] != group_size:
         raise ValueError(
             f"sensitivities file {path} was measured at group size {data['group_size']}, "
@@ -148,8 +159,8 @@ def load_sensitivities(
         )
     sens = {
         p: Sensitivity(
-            {mode: {b: v[mode][str(b)] for b in candidate_bits} for mode in MODES},
-            v["measured"],
+            {mode: {b: float(v[mode][str(b)]) for b in candidate_bits} for mode in MODES},
+            bool(v["measured"]),
         )
         for p, v in stored.items()
     }
@@ -223,10 +234,6 @@ class Calibrator:
         Fisher information (its expectation over the labels), divided here by
         the mode's scored positions.
         """
-        model = self.model
-        model.freeze()
-        for m in modules:
-            self.modules[m.path].unfreeze(keys=["weight"])
         key = mx.random.key(seed)
         fisher = {}
         bar = tqdm(total=self.samples * len(MODES), desc="Float forwards + Fisher", leave=False)
@@ -237,7 +244,7 @@ class Calibrator:
                 for row in range(scoring.inputs.shape[0]):
                     key, sub = mx.random.split(key)
                     one = _row(scoring, row)
-                    (_, (lp, states)), grads = nn.value_and_grad(model, self._loglik)(one, sub)
+                    (_, (lp, states)), grads = nn.value_and_grad(self.model, self._loglik)(one, sub)
                     grads = dict(tree_flatten(grads))
                     for m in modules:
                         total[m.path] = total[m.path] + grads[f"{m.path}.weight"].square()
@@ -254,7 +261,6 @@ class Calibrator:
                 )
             fisher[mode] = {p: f / self.positions[mode] for p, f in total.items()}
         bar.close()
-        model.unfreeze()
         return fisher
 
     def _loglik(self, scoring: Scoring, key: mx.array):
@@ -275,30 +281,31 @@ class Calibrator:
         target = self.modules[module.path]
         weight = target.weight
         target.weight = fake_quantize(weight, bits, self.group_size, self.dtype)
-        start = self.start(module)
-        out = {}
-        for mode in MODES:
-            total = 0.0
-            for scoring, ref, states in zip(
-                self.batches[mode], self.reference[mode], self.states[mode]
-            ):
-                if module.path.endswith("embed_tokens"):
-                    logits, _ = forward_with_states(self.model, scoring.inputs, scoring.mask)
-                elif start == len(self.model.layers):
-                    logits = head(self.model, states[-1])
-                else:
-                    logits = forward_from(self.model, states[start], start, scoring.mask)
-                lp = scored_log_probs(logits, scoring, self.mask_id)
-                total += kl_divergence(ref, lp).sum().item()
-                self.count.forward(start, scoring.inputs.shape[0])
-            out[mode] = total / self.positions[mode]
-        target.weight = weight
-        return out
+        try:
+            return {mode: self._kl_from(module, mode) for mode in MODES}
+        finally:
+            target.weight = weight
 
-    def exact_cost(self, module: Quantizable, measured_bits: int) -> float:
-        """Forward units per sample of measuring ``module`` at ``measured_bits`` bits."""
+    def _kl_from(self, module: Quantizable, mode: str) -> float:
+        """Mean KL in ``mode``, running only what the module's quantization changes."""
+        start = self.start(module)
+        total = 0.0
+        for scoring, ref, states in zip(self.batches[mode], self.reference[mode], self.states[mode]):
+            if module.path.endswith("embed_tokens"):
+                logits, _ = forward_with_states(self.model, scoring.inputs, scoring.mask)
+            elif start == len(self.model.layers):
+                logits = head(self.model, states[-1])
+            else:
+                logits = forward_from(self.model, states[start], start, scoring.mask)
+            lp = scored_log_probs(logits, scoring, self.mask_id)
+            total += kl_divergence(ref, lp).sum().item()
+            self.count.forward(start, scoring.inputs.shape[0])
+        return total / self.positions[mode]
+
+    def exact_cost(self, module: Quantizable, candidates: int) -> float:
+        """Forward units per sample of measuring ``module`` at ``candidates`` bit widths."""
         layers = len(self.model.layers)
-        return len(MODES) * measured_bits * (layers - self.start(module) + 1) / (layers + 1)
+        return len(MODES) * candidates * (layers - self.start(module) + 1) / (layers + 1)
 
     def estimated_kl(self, fisher: dict, module: Quantizable, bits: int) -> dict[str, float]:
         weight = self.modules[module.path].weight
@@ -324,18 +331,107 @@ def naive_forwards(modules: int, candidates: int) -> float:
     return len(MODES) * (modules * max(candidates - 1, 1) + 1)
 
 
-def _kind_factors(modules: dict[str, Quantizable], ratios: dict[str, float]) -> dict[str, float]:
-    """Per module kind, exact / estimated KL: geometric mean, shrunk toward the global one."""
-    if not ratios:
-        return {}
-    logs = {p: math.log(r) for p, r in ratios.items()}
-    overall = float(np.mean(list(logs.values())))
-    by_kind: dict[str, list[float]] = {}
-    for p, value in logs.items():
-        by_kind.setdefault(modules[p].kind, []).append(value)
-    factors = {kind: math.exp((sum(v) + overall) / (len(v) + 1)) for kind, v in by_kind.items()}
-    factors[""] = math.exp(overall)
-    return factors
+def _mean(by_mode: dict[str, float]) -> float:
+    return max(float(np.mean(list(by_mode.values()))), TINY)
+
+
+class Refinement:
+    """Estimated KL everywhere, exact KL where measured; combined into sensitivities.
+
+    The estimate of an unmeasured module is scaled by how far the estimates of
+    measured modules of its kind were off (geometric mean of exact / estimated,
+    shrunk toward that of all measured modules by one pseudo-observation).
+    """
+
+    def __init__(self, modules: dict[str, Quantizable], estimates, candidate_bits: tuple[int, ...]):
+        self.modules = modules
+        self.estimates = estimates  # path -> bits -> mode -> KL
+        self.bits = candidate_bits
+        self.measured_bits = candidate_bits[:-1] or candidate_bits
+        self.exact: dict[str, dict[int, dict[str, float]]] = {}
+
+    def _log_errors(self) -> dict[str, float]:
+        low = self.measured_bits[0]
+        return {
+            p: math.log(_mean(v[low]) / _mean(self.estimates[p][low])) for p, v in self.exact.items()
+        }
+
+    def _factors(self) -> dict[str, float]:
+        errors = self._log_errors()
+        if not errors:
+            return {}
+        overall = float(np.mean(list(errors.values())))
+        by_kind: dict[str, list[float]] = {}
+        for p, value in errors.items():
+            by_kind.setdefault(self.modules[p].kind, []).append(value)
+        factors = {k: math.exp((sum(v) + overall) / (len(v) + 1)) for k, v in by_kind.items()}
+        return {"": math.exp(overall), **factors}
+
+    def _measured(self, path: str) -> dict[str, dict[int, float]]:
+        """Exact KL; a top candidate left unmeasured gets the estimated ratio to the one below."""
+        exact, est = self.exact[path], self.estimates[path]
+        below = max(exact)
+        return {
+            mode: {
+                b: exact[b][mode] if b in exact else exact[below][mode] * est[b][mode] / max(est[below][mode], TINY)
+                for b in self.bits
+            }
+            for mode in MODES
+        }
+
+    def sensitivities(self) -> dict[str, Sensitivity]:
+        factors = self._factors()
+        out = {}
+        for p, m in self.modules.items():
+            if p in self.exact:
+                out[p] = Sensitivity(self._measured(p), True)
+            else:
+                f = factors.get(m.kind, factors.get("", 1.0))
+                est = self.estimates[p]
+                out[p] = Sensitivity({mode: {b: est[b][mode] * f for b in self.bits} for mode in MODES}, False)
+        return out
+
+    def summary(self) -> dict:
+        errors = list(self._log_errors().values())
+        return {
+            "estimate": "diagonal Fisher (labels sampled from the float model), corrected per module kind",
+            "estimate_log_error_std": float(np.std(errors)) if errors else None,
+        }
+
+
+def refine(
+    calib: Calibrator,
+    refinement: Refinement,
+    group_size: int,
+    scale_bits: int,
+    budget: int,
+    allowance: float,
+) -> None:
+    """Measure exactly, nearest the allocation's cutoff first, while ``allowance`` lasts."""
+    modules = list(refinement.modules.values())
+    width = len(refinement.measured_bits)
+    spent = 0.0
+    bar = tqdm(total=round(allowance, 1), desc="Measuring near the cut", unit="fwd", leave=False)
+    while True:
+        kl = {p: s.kl for p, s in refinement.sensitivities().items()}
+        points = module_points(modules, kl, refinement.bits, group_size, scale_bits)
+        plan = allocate(points, budget)
+        margins = {
+            m.path: plan.margin(hull_steps(m.path, points[m.path]))
+            for m in modules
+            if m.path not in refinement.exact
+        }
+        affordable = [
+            p for p in sorted(margins, key=margins.get)
+            if spent + calib.exact_cost(refinement.modules[p], width) <= allowance
+        ]
+        if not affordable:
+            break
+        chosen = refinement.modules[affordable[0]]
+        refinement.exact[chosen.path] = {b: calib.exact_kl(chosen, b) for b in refinement.measured_bits}
+        spent += calib.exact_cost(chosen, width)
+        bar.update(calib.exact_cost(chosen, width))
+    bar.close()
 
 
 def measure_sensitivities(
@@ -354,10 +450,12 @@ def measure_sensitivities(
     batch_size: int = 4,
     seed: int = 0,
 ) -> Sensitivities:
-    """KL sensitivities of ``modules`` on ``tokens`` [N, L] (a float32 ``model``).
+    """KL sensitivities of ``modules`` on ``tokens`` [N, L] (``model`` in float32).
 
     ``budget`` (stored bits of the quantized modules) lets ``"auto"`` measure
-    exactly the modules where the allocation under that budget is decided.
+    exactly the modules where the allocation under that budget is decided; it
+    spends at most ``forward_fraction`` of the naive cost (or twice the
+    estimate's cost, if more), and measures everything when that is no dearer.
     """
     if method not in ("auto", "exact"):
         raise ValueError(f"unknown sensitivity method {method!r}: use auto or exact")
@@ -367,20 +465,17 @@ def measure_sensitivities(
     )
     samples = tokens.shape[0]
     naive = naive_forwards(len(modules), len(candidate_bits))
-    below_top = candidate_bits[:-1] or candidate_bits
     exact_all = len(MODES) + sum(calib.exact_cost(m, len(candidate_bits)) for m in modules)
-    estimate_cost = 3 * len(MODES)
-    allowance = max(forward_fraction * naive, 2 * estimate_cost)
+    allowance = max(forward_fraction * naive, 2 * ESTIMATE_COST)
     if method == "auto" and (budget is None or exact_all <= allowance):
         method = "exact"
-    by_path = {m.path: m for m in modules}
 
     if method == "exact":
         calib.capture()
         sens = {}
         for m in tqdm(modules, desc="Measuring each module", leave=False):
-            by_bits = {b: calib.exact_kl(m, b) for b in candidate_bits}
-            sens[m.path] = Sensitivity({mode: {b: by_bits[b][mode] for b in by_bits} for mode in MODES}, True)
+            kl = {b: calib.exact_kl(m, b) for b in candidate_bits}
+            sens[m.path] = Sensitivity({mode: {b: kl[b][mode] for b in kl} for mode in MODES}, True)
         extra = {}
     else:
         fisher = calib.capture_with_fisher(modules, seed)
@@ -388,10 +483,10 @@ def measure_sensitivities(
             m.path: {b: calib.estimated_kl(fisher, m, b) for b in candidate_bits} for m in modules
         }
         del fisher
-        sens, extra = _refine(
-            calib, by_path, estimates, candidate_bits, below_top, group_size, scale_bits,
-            budget, allowance - calib.count.units / samples,
-        )
+        refinement = Refinement({m.path: m for m in modules}, estimates, candidate_bits)
+        spent = calib.count.units / samples
+        refine(calib, refinement, group_size, scale_bits, budget, allowance - spent)
+        sens, extra = refinement.sensitivities(), refinement.summary()
     return Sensitivities(
         sens,
         candidate_bits,
@@ -403,91 +498,3 @@ def measure_sensitivities(
         naive,
         extra,
     )
-
-
-def _refine(
-    calib: Calibrator,
-    modules: dict[str, Quantizable],
-    estimates: dict[str, dict[int, dict[str, float]]],
-    candidate_bits: tuple[int, ...],
-    below_top: tuple[int, ...],
-    group_size: int,
-    scale_bits: int,
-    budget: int,
-    allowance: float,
-) -> tuple[dict[str, Sensitivity], dict]:
-    """Measure exactly, nearest the allocation's cutoff first, while the allowance lasts."""
-    floor = 1e-30
-    est = {
-        p: {b: max(float(np.mean(list(v[b].values()))), floor) for b in candidate_bits}
-        for p, v in estimates.items()
-    }
-    exact: dict[str, dict[int, dict[str, float]]] = {}
-    spent = 0.0
-    bar = tqdm(total=round(allowance, 1), desc="Measuring near the cut", unit="fwd", leave=False)
-    while True:
-        values = _combine(modules, est, exact, estimates, candidate_bits)
-        points = module_points(list(modules.values()), {p: s.kl for p, s in values.items()},
-                               candidate_bits, group_size, scale_bits)
-        plan: Allocation = allocate(points, budget)
-        margins = {
-            p: plan.margin(hull_steps(p, points[p])) for p in modules if p not in exact
-        }
-        chosen = None
-        for p in sorted(margins, key=margins.get):
-            cost = calib.exact_cost(modules[p], len(below_top))
-            if spent + cost <= allowance:
-                chosen = p
-                break
-        if chosen is None:
-            break
-        exact[chosen] = {b: calib.exact_kl(modules[chosen], b) for b in below_top}
-        spent += cost
-        bar.update(cost)
-    bar.close()
-    ratios = {p: max(np.mean(list(v[below_top[0]].values())), 1e-30) / est[p][below_top[0]]
-              for p, v in exact.items()}
-    extra = {
-        "estimate": "diagonal Fisher (labels sampled from the float model), corrected per module kind",
-        "estimate_error_log_std": float(np.std(np.log(list(ratios.values())))) if ratios else None,
-    }
-    return _combine(modules, est, exact, estimates, candidate_bits), extra
-
-
-def _combine(
-    modules: dict[str, Quantizable],
-    est: dict[str, dict[int, float]],
-    exact: dict[str, dict[int, dict[str, float]]],
-    estimates: dict[str, dict[int, dict[str, float]]],
-    candidate_bits: tuple[int, ...],
-) -> dict[str, Sensitivity]:
-    """Exact values where measured (the top bits scaled by the estimated ratio), else corrected estimates."""
-    low = candidate_bits[0]
-    ratios = {
-        p: max(float(np.mean(list(v[low].values()))), 1e-30) / est[p][low] for p, v in exact.items()
-    }
-    factors = _kind_factors(modules, ratios)
-    out = {}
-    for p, m in modules.items():
-        if p in exact:
-            measured = exact[p]
-            top_ratio = {
-                mode: estimates[p][candidate_bits[-1]][mode]
-                / max(estimates[p][max(measured)][mode], 1e-30)
-                for mode in MODES
-            }
-            by_mode = {
-                mode: {
-                    b: measured[b][mode] if b in measured else measured[max(measured)][mode] * top_ratio[mode]
-                    for b in candidate_bits
-                }
-                for mode in MODES
-            }
-            out[p] = Sensitivity(by_mode, True)
-        else:
-            factor = factors.get(m.kind, factors.get("", 1.0))
-            by_mode = {
-                mode: {b: estimates[p][b][mode] * factor for b in candidate_bits} for mode in MODES
-            }
-            out[p] = Sensitivity(by_mode, False)
-    return out

@@ -12,7 +12,7 @@ import json
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
@@ -22,9 +22,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from optiq_dhara.runtime.text import encode_prompt
+
 from .engine import Engine
 from .errors import APIError, from_validation, invalid, server_error
-from .responses import Completion, ToolCallStream, sse, tool_result
+from .responses import Completion, ToolCallStream, sse, tool_result, usage
 from .schemas import ChatCompletionRequest, CompletionRequest, DecodeRequest, Mode
 
 log = logging.getLogger("optiq_dhara.serve")
@@ -80,8 +82,10 @@ def _finish_reason(last: Any, tool_calls: list) -> str:
     return (last.finish_reason if last is not None else None) or "stop"
 
 
-def _generated(last: Any) -> int:
-    return last.stats.generated if last is not None else 0
+def _usage(last: Any, prompt_tokens: int) -> dict:
+    if last is None:
+        return usage(prompt_tokens, 0)
+    return usage(prompt_tokens, last.stats.generated, last.stats.reused_tokens)
 
 
 class _API:
@@ -107,7 +111,7 @@ class _API:
 
     def _authorize(self, request: Request) -> None:
         key = self.config.api_key
-        if key is None:
+        if not key:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(
@@ -123,7 +127,12 @@ class _API:
         if not self.engine.alive:
             return APIError(503, "The model worker is not running.", type="server_error").response()
         return JSONResponse(
-            {"status": "ok", "model": self.config.model_id, "queued": self.engine.pending}
+            {
+                "status": "ok",
+                "model": self.config.model_id,
+                "queued": self.engine.pending,
+                "requests": self.engine.counts,
+            }
         )
 
     async def models(self, request: Request) -> Response:
@@ -132,24 +141,21 @@ class _API:
 
     async def chat(self, request: Request) -> Response:
         body: ChatCompletionRequest = await _read(request, ChatCompletionRequest)
-        tools = body.template_tools()
         messages = [message.template_dict() for message in body.messages]
-        try:
-            prompt = self.engine.tokenizer.apply_chat_template(
-                messages, tools=tools, add_generation_prompt=True
-            )
-        except TemplateError as exc:
-            raise invalid(f"The chat template rejected the messages: {exc}", "messages") from None
-        return await self._respond(body, prompt, body.token_limit, Completion(True, self.config.model_id), bool(tools))
+        reply = Completion(True, self.config.model_id)
+        return await self._respond(body, messages, body.token_limit, reply, body.template_tools())
 
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await _read(request, CompletionRequest)
-        prompt = body.prompt
-        if isinstance(prompt, str):
-            prompt = self.engine.tokenizer.encode(prompt)
-        if not prompt:
-            raise invalid("The prompt is empty; give at least one token.", "prompt")
-        return await self._respond(body, prompt, body.token_limit, Completion(False, self.config.model_id), False)
+        reply = Completion(False, self.config.model_id)
+        return await self._respond(body, body.prompt, body.token_limit, reply, None)
+
+    def _prompt_tokens(self, prompt: Union[str, list[dict]], chat: bool, tools) -> int:
+        """Length of the prompt as the runtime will encode it."""
+        try:
+            return len(encode_prompt(self.engine.tokenizer, prompt, chat=chat, tools=tools))
+        except TemplateError as exc:
+            raise invalid(f"The chat template rejected the messages: {exc}", "messages") from None
 
     def _budget(self, requested: Optional[int], prompt_tokens: int) -> int:
         """max_tokens for the run: the request's, or the server default, within the context."""
@@ -177,14 +183,17 @@ class _API:
     async def _respond(
         self,
         body: DecodeRequest,
-        prompt: list[int],
+        prompt: Union[str, list[dict]],
         requested: Optional[int],
         reply: Completion,
-        tools: bool,
+        tools: Optional[list[dict]],
     ) -> Response:
+        prompt_tokens = self._prompt_tokens(prompt, reply.chat, tools)
         options = dict(
+            chat=reply.chat,
+            tools=tools,
             mode=body.mode or self.config.mode,
-            max_tokens=self._budget(requested, len(prompt)),
+            max_tokens=self._budget(requested, prompt_tokens),
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
@@ -198,12 +207,12 @@ class _API:
         )
         chunks = self.engine.stream(prompt, **options)
         if not body.stream:
-            return JSONResponse(await self._collect(reply, chunks, len(prompt), tools))
+            return JSONResponse(await self._collect(reply, chunks, prompt_tokens, bool(tools)))
         try:
             first = await anext(chunks)
         except StopAsyncIteration:
             first = None
-        events = self._events(reply, first, chunks, len(prompt), body.include_usage, tools)
+        events = self._events(reply, first, chunks, prompt_tokens, body.include_usage, bool(tools))
         return StreamingResponse(events, media_type="text/event-stream")
 
     async def _collect(self, reply: Completion, chunks, prompt_tokens: int, tools: bool) -> dict:
@@ -211,7 +220,7 @@ class _API:
         async for chunk in chunks:
             text, last = text + chunk.text, chunk
         content, calls = tool_result(text) if tools else (text, [])
-        return reply.whole(content, _finish_reason(last, calls), prompt_tokens, _generated(last), calls)
+        return reply.whole(content, _finish_reason(last, calls), _usage(last, prompt_tokens), calls)
 
     async def _events(
         self,
@@ -242,7 +251,7 @@ class _API:
                 yield sse(reply.chunk(tool_calls=calls))
             yield sse(reply.chunk(finish_reason=_finish_reason(last, calls)))
             if include_usage:
-                yield sse(reply.usage_chunk(prompt_tokens, _generated(last)))
+                yield sse(reply.usage_chunk(_usage(last, prompt_tokens)))
             yield sse("[DONE]")
         except Exception as exc:  # headers are out: report in the stream
             log.exception("stream failed")

@@ -15,6 +15,8 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Optional
 
+import mlx.core as mx
+
 from optiq_dhara.runtime import PrefixCache, stream_text
 
 Loader = Callable[[], tuple[Any, Any]]
@@ -52,6 +54,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="dhara-mlx-engine", daemon=True)
         self.model: Any = None
         self.tokenizer: Any = None
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
 
     def start(self) -> "Engine":
         """Start the worker and wait until the model is loaded (re-raising a load failure)."""
@@ -97,6 +100,12 @@ class Engine:
 
     def _run(self) -> None:
         try:
+            self._work()
+        finally:  # MLX asks every thread that used it to free its streams before exit
+            mx.clear_streams()
+
+    def _work(self) -> None:
+        try:
             self.model, self.tokenizer = self._load()
             prefix_cache = PrefixCache() if self._use_prefix_cache else None
         except BaseException as exc:  # reported by start()
@@ -105,10 +114,12 @@ class Engine:
         finally:
             self._ready.set()
         while (job := self._jobs.get()) is not None:
-            if not job.cancelled.is_set():
-                self._serve(job, prefix_cache)
+            self.counts[self._serve(job, prefix_cache)] += 1
 
-    def _serve(self, job: _Job, prefix_cache: Optional[PrefixCache]) -> None:
+    def _serve(self, job: _Job, prefix_cache: Optional[PrefixCache]) -> str:
+        """Run one job; returns how it ended: completed, cancelled or failed."""
+        if job.cancelled.is_set():  # its client left while it waited
+            return "cancelled"
         try:
             chunks = stream_text(
                 self.model, self.tokenizer, job.prompt, prefix_cache=prefix_cache, **job.options
@@ -116,8 +127,10 @@ class Engine:
             with closing(chunks):
                 for chunk in chunks:
                     if job.cancelled.is_set():
-                        return
+                        return "cancelled"
                     job.emit(chunk)
             job.emit(_Done())
+            return "completed"
         except Exception as exc:  # handed to the request; the worker lives on
             job.emit(exc)
+            return "failed"

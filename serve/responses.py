@@ -25,11 +25,13 @@ def sse(data: Any) -> str:
     return f"data: {payload}\n\n"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """Token counts; ``cached_tokens`` is the prompt prefix reused from an earlier request."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -93,16 +95,15 @@ class Completion:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return self._envelope(True, [choice])
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, counts: dict) -> dict:
         """The extra last chunk that ``stream_options.include_usage`` asks for."""
-        return self._envelope(True, [], usage=usage(prompt_tokens, completion_tokens))
+        return self._envelope(True, [], usage=counts)
 
     def whole(
         self,
         text: str,
         finish_reason: str,
-        prompt_tokens: int,
-        completion_tokens: int,
+        counts: dict,
         tool_calls: Optional[list[dict]] = None,
     ) -> dict:
         """The non-streamed response."""
@@ -118,7 +119,7 @@ class Completion:
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish_reason}
         choice["logprobs"] = None
-        return self._envelope(False, [choice], usage=usage(prompt_tokens, completion_tokens))
+        return self._envelope(False, [choice], usage=counts)
 
 
 def tool_result(text: str) -> tuple[str, list[dict]]:

@@ -7,7 +7,7 @@ that would change the answer and are not supported (``n`` > 1, ``logprobs``)
 are refused rather than silently dropped.
 """
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -31,7 +31,7 @@ class DecodeRequest(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: Optional[Union[str, list[str]]] = None
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=4)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     mode: Optional[Mode] = None
@@ -41,15 +41,13 @@ class DecodeRequest(BaseModel):
     n: int = Field(1, ge=1, le=1)
     logprobs: Optional[Union[bool, int]] = None
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stops(cls, stop):
-        stops = [stop] if isinstance(stop, str) else (stop or [])
-        if len(stops) > 4:
-            raise ValueError("at most 4 stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
+    def _stop_list(cls, stop):
+        """OpenAI's ``stop`` is a string, a list of up to 4, or null."""
+        if stop is None:
+            return []
+        return [stop] if isinstance(stop, str) else stop
 
     @field_validator("logprobs")
     @classmethod
@@ -129,14 +127,7 @@ class ChatCompletionRequest(DecodeRequest):
 
 
 class CompletionRequest(DecodeRequest):
-    prompt: Union[str, list[int]]
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, prompt):
-        if isinstance(prompt, list) and (not prompt or min(prompt) < 0):
-            raise ValueError("a token prompt must be a non-empty list of ids >= 0")
-        return prompt
+    prompt: str
 
     @property
     def token_limit(self) -> Optional[int]:

@@ -11,15 +11,21 @@ from optiq_dhara.masks import block_causal_mask
 
 
 def random_pairs(seed: int, count: int = 7) -> list[tuple[list[int], list[int]]]:
-    """(context, continuation) pairs of varied lengths; ids below the MASK id."""
+    """(context, continuation) pairs of varied lengths; ids below the MASK id.
+
+    The last four share a context, as the choices of one question do: two one-token
+    answers (one AR forward) and two two-token answers (one diffusion forward).
+    """
     rng = np.random.default_rng(seed)
-    return [
+    pairs = [
         (
             rng.integers(0, 300, size=int(rng.integers(1, 30))).tolist(),
             rng.integers(0, 300, size=int(rng.integers(1, 20))).tolist(),
         )
         for _ in range(count)
     ]
+    question = rng.integers(0, 300, size=11).tolist()
+    return pairs + [(question, [12]), (question, [250]), (question, [3, 4]), (question, [5, 6])]
 
 
 def log_softmax(logits: mx.array) -> np.ndarray:
@@ -142,3 +148,31 @@ def test_diffusion_and_ar_scores_differ(golden_model):
 def test_bad_requests_name_the_problem(golden_model, pairs, options, message):
     with pytest.raises(ValueError, match=message):
         loglikelihoods(golden_model, pairs, **options)
+
+
+class CountingModel:
+    """The model, counting its forwards."""
+
+    def __init__(self, model):
+        self.model, self.args, self.calls = model, model.args, 0
+
+    def __call__(self, inputs, mask=None):
+        self.calls += 1
+        return self.model(inputs, mask=mask)
+
+
+@pytest.mark.parametrize(
+    "mode, answers, forwards",
+    [("ar", [[12], [250], [3, 4]], 2), ("diffusion", [[12], [250], [3, 4], [5, 6]], 2)],
+)
+def test_choices_with_the_same_inputs_share_a_forward(golden_model, mode, answers, forwards):
+    question = [9, 8, 7, 6, 5]
+    model = CountingModel(golden_model)
+    pairs = [(question, answer) for answer in answers]
+    scores = loglikelihoods(model, pairs, mode=mode, batch_size=1)
+    assert model.calls == forwards
+    if mode == "ar":
+        want = [direct_ar(golden_model, c, x) for c, x in pairs]
+    else:
+        want = [direct_diffusion(golden_model, c, x, 32) for c, x in pairs]
+    assert_scores_equal(scores, want)

@@ -6,7 +6,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.utils import load_tokenizer
 
-from optiq_dhara.runtime import generate_ids, parse_tool_calls, stream_text
+from optiq_dhara.runtime import PrefixCache, generate_ids, parse_tool_calls, stream_text
 from optiq_dhara.runtime.text import encode_prompt
 
 MODES = [("ar", {}), ("spec", {"k": 4}), ("diffusion", {"block_len": 8})]
@@ -90,6 +90,20 @@ def test_stop_token_text_is_not_emitted(golden_model, tokenizer):
     first = ids.index(stop_id)
     assert full_text(chunks) == tokenizer.decode(ids[:first])
     assert chunks[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("mode, extra", MODES)
+def test_chat_turns_reuse_the_prefix_cache(golden_model, tokenizer, mode, extra):
+    cache = PrefixCache()
+    kwargs = dict(chat=True, mode=mode, max_tokens=12, **extra)
+    history = [{"role": "user", "content": "hi there"}]
+    first = full_text(stream_text(golden_model, tokenizer, history, prefix_cache=cache, **kwargs))
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "and?"}]
+    chunks = list(stream_text(golden_model, tokenizer, history, prefix_cache=cache, **kwargs))
+    assert full_text(chunks) == full_text(stream_text(golden_model, tokenizer, history, **kwargs))
+    first_prompt = len(encode_prompt(tokenizer, history[:1], chat=True))
+    reusable = first_prompt - 1 if mode != "diffusion" else (first_prompt - 1) // 8 * 8
+    assert chunks[-1].stats.reused_tokens >= reusable
 
 
 class MaskLover:

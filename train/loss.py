@@ -74,15 +74,16 @@ class _CleanRecord:
     def canon_valid(self, length: int, new: int):
         return None
 
-    def canon_history(self, length: int, width: int, dtype: mx.Dtype) -> mx.array:
-        return mx.zeros((self.batch, length, width), dtype)
+    def canon_history(self, zeros: mx.array) -> mx.array:
+        return zeros
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self.keys, self.values = keys, values
         return keys, values
 
-    def append_canon(self, inputs: mx.array):
+    def append_canon(self, history: mx.array, inputs: mx.array) -> mx.array:
         self.canon = inputs
+        return inputs
 
 
 class _BlockPrefix:
@@ -103,12 +104,13 @@ class _BlockPrefix:
     def canon_valid(self, length: int, new: int):
         return None
 
-    def canon_history(self, length: int, width: int, dtype: mx.Dtype) -> mx.array:
+    def canon_history(self, zeros: mx.array) -> mx.array:
+        """[rows, K-1, width] like ``zeros``: the clean canon inputs before each block."""
+        length = zeros.shape[1]
         padded = mx.pad(self.record.canon, [(0, 0), (length, 0), (0, 0)])
         starts = mx.arange(self.blocks) * self.block_len
         history = padded[:, starts[:, None] + mx.arange(length)[None]]
-        rows = self.record.batch * self.blocks
-        return history.reshape(rows, length, width).astype(dtype)
+        return history.reshape(zeros.shape).astype(zeros.dtype)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         clean_keys = mx.repeat(self.record.keys, self.blocks, axis=0)
@@ -118,8 +120,8 @@ class _BlockPrefix:
             mx.concatenate([clean_values, values], axis=2),
         )
 
-    def append_canon(self, inputs: mx.array):
-        pass
+    def append_canon(self, history: mx.array, inputs: mx.array) -> mx.array:
+        return inputs
 
 
 def noisy_block_mask(length: int, block_len: int) -> mx.array:

@@ -1,0 +1,220 @@
+"""The KL-sensitivity mix against uniform 4-bit, mlx-lm's ``mixed_4_6`` and ``dynamic_quant``.
+
+Every variant is scored by ``optiq_dhara.metrics.compare`` against the float
+model on the same held-out sequences (the converter's held-out split of the
+shipped corpus), in float32 arithmetic on the stored values. Bits per weight
+are stored tensor bits / float parameters for every variant alike. The mix is
+also allocated at each baseline's own achieved bpw, reusing its sensitivities,
+so each comparison is at equal size.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        python benchmarks/bench_quantize.py --model random-250m --num-samples 4 --seq-len 128
+    python benchmarks/bench_quantize.py --model trained --group-size 32 --target-bpw 5.5
+"""
+
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import typer
+from mlx.utils import tree_flatten, tree_map_with_path
+from mlx_lm.convert import mixed_quant_predicate_builder
+from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
+from mlx_lm.utils import load, quantize_model
+
+from optiq_dhara.convert import convert
+from optiq_dhara.convert.source import cast
+from optiq_dhara.metrics import MODES, compare
+from optiq_dhara.model import Model, ModelArgs
+from optiq_dhara.quantize import (
+    allocate,
+    load_calibration,
+    load_sensitivities,
+    measure_sensitivities,
+    module_points,
+    quantizable_modules,
+    quantize_to_plan,
+)
+from optiq_dhara.quantize.apply import as_float32
+from optiq_dhara.quantize.budget import Budget
+from optiq_dhara.quantize.modules import parameter_count
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests/fixtures/golden_tiny"
+TRAINED = ROOT / "tests/fixtures/dhara_tiny_trained"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def random_250m(directory: Path, seed: int = 0) -> Path:
+    """A dhara-250m-shaped checkpoint (HF layout, bfloat16) with random weights.
+
+    Linears and the embedding ~ N(0, 0.02); Canon taps ~ N(0, 0.1); norms 1.
+    The tokenizer is the golden fixture's (its ids are a subset of the vocabulary).
+    """
+    mx.random.seed(seed)
+    args = ModelArgs()
+    model = Model(args)
+
+    def init(key: str, value: mx.array) -> mx.array:
+        if key.endswith("inv_freq"):
+            return value
+        if "norm" in key:
+            return value.astype(mx.bfloat16)
+        if key.endswith("conv.weight"):  # MLX (C, K, 1) -> PyTorch (C, 1, K)
+            return (mx.random.normal(value.shape) * 0.1).astype(mx.bfloat16).transpose(0, 2, 1)
+        return (mx.random.normal(value.shape) * 0.02).astype(mx.bfloat16)
+
+    weights = dict(tree_flatten(tree_map_with_path(init, model.parameters())))
+    directory.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(directory / "model.safetensors"), weights)
+    config = {
+        "architectures": ["DharaARForCausalLM"],
+        "model_type": "dhara_ar",
+        "torch_dtype": "bfloat16",
+        **{k: v for k, v in args.__dict__.items() if k != "model_type"},
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    for name in TOKENIZER_FILES:
+        (directory / name).write_bytes((GOLDEN / name).read_bytes())
+    return directory
+
+
+def bpw(model: nn.Module, parameters: int) -> float:
+    """Stored tensor bits per float parameter (the converter's definition)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters())) * 8 / parameters
+
+
+def score(model: nn.Module, reference: nn.Module, held_out: mx.array, parameters: int) -> dict:
+    """Bits per weight, then (the model is dequantized in place) KL and top-1 per mode."""
+    out = {"bpw": bpw(model, parameters)}
+    fp32 = as_float32(model)
+    for mode in MODES:
+        result = compare(fp32, reference, held_out, mode)
+        out[mode] = {"mean_kl": result.mean_kl, "top1": result.top1_agreement}
+    return out
+
+
+def main(
+    model: str = typer.Option("random-250m", help="random-250m, trained, or a checkpoint directory."),
+    target_bpw: float = typer.Option(5.0),
+    group_size: int = typer.Option(64),
+    num_samples: int = typer.Option(4),
+    seq_len: int = typer.Option(128),
+    held_out_samples: int = typer.Option(4),
+    exact_baseline: bool = typer.Option(True, help="Also measure every module exactly."),
+    output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
+) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
+    if model == "random-250m":
+        src = random_250m(work / "src")
+    elif model == "trained":
+        src = TRAINED
+    else:
+        src = Path(model)
+    results: dict = {"model": model, "target_bpw": target_bpw, "group_size": group_size,
+                     "num_samples": num_samples, "seq_len": seq_len, "date": time.strftime("%Y-%m-%d")}
+
+    tick = time.perf_counter()
+    report = convert(
+        str(src), work / "mix", target_bpw=target_bpw, group_size=group_size,
+        num_samples=num_samples, seq_len=seq_len, held_out_samples=held_out_samples,
+    )
+    results["convert_seconds"] = time.perf_counter() - tick
+    results["convert_phases"] = report["seconds"]
+    results["report"] = {k: report[k] for k in ("achieved_bpw", "size_mb", "modules_per_bits", "sensitivity")}
+    results["report_held_out"] = report["held_out"]
+
+    float_model, tokenizer = load(str(src))
+    dtype = float_model.model.embed_tokens.weight.dtype
+    params = parameter_count(float_model)
+    data = load_calibration(tokenizer, None, num_samples, seq_len, held_out_samples)
+    reference = as_float32(copy.deepcopy(float_model))
+    modules = quantizable_modules(float_model)
+    bits = (4, 8)
+    budget = Budget.of(float_model, modules, bits, group_size)
+    sens_file = work / "mix" / "sensitivities.json"
+    auto = load_sensitivities(sens_file, modules, bits, group_size)
+
+    def mix_at(target: float, sens) -> nn.Module:
+        plan = allocate(module_points(modules, sens.kl(), bits, group_size, budget.scale_bits),
+                        budget.for_modules(target)).bits
+        return quantize_to_plan(cast(copy.deepcopy(reference), dtype), plan, group_size)
+
+    variants: dict[str, dict] = {}
+    variants["mix (auto)"] = score(mix_at(target_bpw, auto), reference, data.held_out, params)
+    variants["uniform 4-bit"] = score(
+        quantize_to_plan(cast(copy.deepcopy(reference), dtype), {m.path: 4 for m in modules}, group_size),
+        reference, data.held_out, params,
+    )
+
+    recipe = cast(copy.deepcopy(reference), dtype)
+    config = json.loads((src / "config.json").read_text())
+    predicate = mixed_quant_predicate_builder("mixed_4_6", recipe, group_size)
+    recipe, _ = quantize_model(recipe, config, group_size, 4, quant_predicate=predicate)
+    variants["mlx-lm mixed_4_6"] = score(recipe, reference, data.held_out, params)
+
+    tick = time.perf_counter()
+    dq_sens = dict(estimate_sensitivities(copy.deepcopy(reference), data.calibration, 4, group_size, 8, group_size))
+    dq = cast(copy.deepcopy(reference), dtype)
+    threshold = estimate_threshold(dq, dq_sens, target_bpw, 4, group_size, 8, group_size)
+    high = lambda p, m: hasattr(m, "to_quantized") and (
+        {"bits": 8, "group_size": group_size} if dq_sens[p] > threshold else True
+    )
+    dq, _ = quantize_model(dq, config, group_size, 4, quant_predicate=high)
+    variants["mlx-lm dynamic_quant (4/8)"] = score(dq, reference, data.held_out, params)
+    variants["mlx-lm dynamic_quant (4/8)"]["seconds"] = time.perf_counter() - tick
+
+    for name in ("mlx-lm mixed_4_6", "mlx-lm dynamic_quant (4/8)"):
+        their = variants[name]["bpw"]
+        if budget.bpw(budget.low) <= their <= budget.bpw(budget.high):
+            variants[f"mix (auto) at {name}'s bpw"] = score(mix_at(their, auto), reference, data.held_out, params)
+
+    if exact_baseline:
+        tick = time.perf_counter()
+        exact = measure_sensitivities(
+            copy.deepcopy(reference), data.calibration, modules, bits, group_size, dtype=dtype,
+            budget=budget.for_modules(target_bpw), scale_bits=budget.scale_bits, forward_fraction=1.0,
+        )
+        results["exact_baseline"] = {
+            "seconds": time.perf_counter() - tick,
+            "forwards_per_sample": exact.forwards_per_sample,
+            "measured_exactly": sum(s.measured for s in exact.modules.values()),
+        }
+        variants["mix (every module measured)"] = score(mix_at(target_bpw, exact), reference, data.held_out, params)
+    results["variants"] = variants
+    print(table(results))
+    if output is not None:
+        output.write_text(json.dumps(results, indent=2))
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"{results['model']}: target {results['target_bpw']} bpw, group size {results['group_size']}, "
+        f"{results['num_samples']} x {results['seq_len']} calibration tokens; convert "
+        f"{results['convert_seconds']:.0f} s; sensitivities "
+        f"{results['report']['sensitivity']['forwards_per_sample']:.1f} forwards/sample "
+        f"(naive {results['report']['sensitivity']['naive_forwards_per_sample']:.0f})",
+        "",
+        "| variant | bpw | mean KL AR | mean KL diffusion | top-1 AR | top-1 diffusion |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, v in results["variants"].items():
+        lines.append(
+            f"| {name} | {v['bpw']:.3f} | {v['ar']['mean_kl']:.5f} | {v['diffusion']['mean_kl']:.5f} "
+            f"| {v['ar']['top1']:.3f} | {v['diffusion']['top1']:.3f} |"
+        )
+    if "exact_baseline" in results:
+        e = results["exact_baseline"]
+        lines.append(
+            f"\nevery module measured: {e['forwards_per_sample']:.1f} forwards/sample, {e['seconds']:.0f} s"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    typer.run(main)

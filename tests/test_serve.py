@@ -1,0 +1,503 @@
+"""The real server on a loopback port, driven by the official ``openai`` client.
+
+Every answer is compared with what the runtime gives for the same request alone,
+without a prefix cache, in this thread: the server must add nothing and lose nothing.
+"""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import httpx
+import mlx_lm
+import openai
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import optiq_dhara.serve.engine as engine_module
+from optiq_dhara.runtime import Stats, TextChunk, stream_text
+from optiq_dhara.runtime.text import encode_prompt
+from optiq_dhara.serve.app import ServerConfig, create_app
+from optiq_dhara.serve.engine import Engine
+
+KEY = "test-key"
+CONTEXT = 512
+DEFAULT_MAX_TOKENS = 12
+MODES = ["ar", "diffusion", "spec"]
+HELLO = [{"role": "user", "content": "Hello"}]
+
+
+@contextmanager
+def serving(load, **config):
+    """An Engine and a uvicorn server on a free 127.0.0.1 port, in background threads."""
+    engine = Engine(load).start()
+    server_config = ServerConfig(
+        "golden_tiny", api_key=KEY, max_tokens=DEFAULT_MAX_TOKENS, max_context=CONTEXT, **config
+    )
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, server_config), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.02)
+    try:
+        yield SimpleNamespace(
+            url=url,
+            engine=engine,
+            client=openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60),
+        )
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.close()
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(golden_dir):
+    """The model and tokenizer for reference answers, in the test thread."""
+    return mlx_lm.load(str(golden_dir))
+
+
+@pytest.fixture(scope="module")
+def server(golden_dir):
+    with serving(lambda: mlx_lm.load(str(golden_dir))) as running:
+        yield running
+
+
+def alone(tiny, prompt, *, chat, mode="spec", max_tokens=DEFAULT_MAX_TOKENS, tools=None, **options):
+    """(text, finish_reason, stats) of the request run alone by the runtime, no prefix cache."""
+    model, tokenizer = tiny
+    chunks = list(
+        stream_text(
+            model, tokenizer, prompt, chat=chat, tools=tools, mode=mode, max_tokens=max_tokens, **options
+        )
+    )
+    return "".join(c.text for c in chunks), chunks[-1].finish_reason, chunks[-1].stats
+
+
+def stream_chat(client, **request):
+    """Content, finish reason, usage and number of content chunks of a streamed chat."""
+    text, finish, usage, pieces = "", None, None, 0
+    for chunk in client.chat.completions.create(
+        model="golden_tiny", stream=True, stream_options={"include_usage": True}, **request
+    ):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                text, pieces = text + choice.delta.content, pieces + 1
+            finish = choice.finish_reason or finish
+    return text, finish, usage, pieces
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+def test_models_and_health(server):
+    assert [m.id for m in server.client.models.list().data] == ["golden_tiny"]
+    health = httpx.get(f"{server.url}/health").json()
+    assert health["status"] == "ok" and health["model"] == "golden_tiny"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chat_is_the_runtime_answer(server, tiny, mode):
+    reply = server.client.chat.completions.create(
+        model="golden_tiny", messages=HELLO, extra_body={"mode": mode}
+    )
+    text, finish, stats = alone(tiny, HELLO, chat=True, mode=mode)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert (choice.message.content, choice.finish_reason) == (text, finish)
+    assert reply.usage.prompt_tokens == len(encode_prompt(tiny[1], HELLO, chat=True))
+    assert reply.usage.completion_tokens == stats.generated
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + stats.generated
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_streamed_chat_sends_the_same_text_in_pieces(server, tiny, mode):
+    text, finish, usage, pieces = stream_chat(
+        server.client, messages=HELLO, max_tokens=16, extra_body={"mode": mode}
+    )
+    expected, expected_finish, stats = alone(tiny, HELLO, chat=True, mode=mode, max_tokens=16)
+    assert (text, finish) == (expected, expected_finish)
+    assert pieces > 1  # sent as tokens become final, not at the end
+    assert usage.completion_tokens == stats.generated
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_completion_is_the_runtime_answer(server, tiny, mode, stream):
+    request = dict(model="golden_tiny", prompt="Once upon a time", max_tokens=10)
+    expected = alone(tiny, "Once upon a time", chat=False, mode=mode, max_tokens=10)
+    if stream:
+        chunks = list(server.client.completions.create(stream=True, extra_body={"mode": mode}, **request))
+        text = "".join(c.choices[0].text for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
+    else:
+        reply = server.client.completions.create(extra_body={"mode": mode}, **request)
+        text, finish = reply.choices[0].text, reply.choices[0].finish_reason
+    assert (text, finish) == expected[:2]
+
+
+def test_finish_reason_is_what_happened(server, tiny):
+    short = server.client.completions.create(model="golden_tiny", prompt="Hello", max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    # greedy AR after "Hello" reaches the end-of-turn token after 64 tokens
+    text, finish, stats = alone(tiny, "Hello", chat=False, mode="ar", max_tokens=100)
+    assert finish == "stop" and stats.generated < 100
+    full = server.client.completions.create(
+        model="golden_tiny", prompt="Hello", max_tokens=100, extra_body={"mode": "ar"}
+    )
+    assert (full.choices[0].text, full.choices[0].finish_reason) == (text, "stop")
+    assert full.usage.completion_tokens == stats.generated
+
+
+def test_stop_strings_end_the_text_before_them(server, tiny):
+    full, _, _ = alone(tiny, "Once upon a time", chat=False, max_tokens=16)
+    stop = full[6:9]
+    reply = server.client.completions.create(
+        model="golden_tiny", prompt="Once upon a time", max_tokens=16, stop=[stop, "never-seen"]
+    )
+    text = reply.choices[0].text
+    expected = alone(tiny, "Once upon a time", chat=False, max_tokens=16, stop=(stop, "never-seen"))
+    assert (text, reply.choices[0].finish_reason) == expected[:2] == (full[: full.find(stop)], "stop")
+    streamed, finish, _, _ = stream_chat(server.client, messages=HELLO, stop=stop)
+    assert (streamed, finish) == alone(tiny, HELLO, chat=True, stop=(stop,))[:2]
+
+
+def test_the_same_greedy_request_twice_gives_the_same_text(server):
+    replies = [
+        server.client.chat.completions.create(model="golden_tiny", messages=HELLO, max_tokens=16)
+        for _ in range(2)
+    ]
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    assert replies[1].usage.prompt_tokens_details.cached_tokens > 0  # the prefix was reused
+
+
+def sampled(server, seed, mode="spec"):
+    reply = server.client.completions.create(
+        model="golden_tiny",
+        prompt="Once upon a time",
+        max_tokens=12,
+        temperature=0.9,
+        top_p=0.95,
+        seed=seed,
+        extra_body={"mode": mode, "repetition_penalty": 1.1},
+    )
+    return reply.choices[0].text
+
+
+def test_same_seed_same_text_and_seeds_matter(server, tiny):
+    assert sampled(server, 7) == sampled(server, 7)
+    assert len({sampled(server, seed) for seed in range(4)}) > 1
+    options = dict(temperature=0.9, top_p=0.95, seed=7, repetition_penalty=1.1)
+    assert sampled(server, 7) == alone(tiny, "Once upon a time", chat=False, **options)[0]
+
+
+def test_sampled_self_speculation_is_served_and_follows_ar(server):
+    for seed in range(3):
+        assert sampled(server, seed, "spec") == sampled(server, seed, "ar")
+
+
+def test_prefix_reuse_gives_the_answer_without_it(server, tiny):
+    system = {"role": "system", "content": "You are a terse assistant. " * 4}
+    first = [system, {"role": "user", "content": "Hi"}]
+    second = [system, {"role": "user", "content": "Hi there, how are you"}]
+    for mode in MODES:
+        for messages in (first, second, first):
+            reply = server.client.chat.completions.create(
+                model="golden_tiny", messages=messages, extra_body={"mode": mode, "block_len": 8}
+            )
+            expected = alone(tiny, messages, chat=True, mode=mode, block_len=8)
+            assert reply.choices[0].message.content == expected[0]
+        assert reply.usage.prompt_tokens_details.cached_tokens > 0
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_tools_go_into_the_chat_template(server, tiny):
+    reply = server.client.chat.completions.create(
+        model="golden_tiny", messages=HELLO, tools=[WEATHER], max_tokens=8
+    )
+    prompt = encode_prompt(tiny[1], HELLO, chat=True, tools=[WEATHER])
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert "get_weather" in tiny[1].decode(prompt)
+    expected = alone(tiny, HELLO, chat=True, tools=[WEATHER], max_tokens=8)
+    assert reply.choices[0].message.content == expected[0]
+
+
+@pytest.fixture
+def scripted_server(golden_dir, monkeypatch):
+    """A server whose runtime text is scripted (a model stub, for tool-call routing only).
+
+    The random tiny model never writes a tool call; this stub replaces ``stream_text``
+    in the engine and records what the server handed it.
+    """
+    seen = {}
+    pieces = ["Let me check. <tool", '_call>\n{"name": "get_weather", ', '"arguments": {"city": "Paris"}}\n</tool_call>']
+
+    def fake_stream_text(model, tokenizer, prompt, *, tools=None, chat, **options):
+        seen.update(prompt=prompt, tools=tools, chat=chat, **options)
+        stats = Stats(options["mode"], prompt_tokens=5)
+        for i, piece in enumerate(pieces):
+            stats.generated += 3
+            yield TextChunk(piece, [0, 0, 0], stats, "stop" if i == len(pieces) - 1 else None)
+
+    monkeypatch.setattr(engine_module, "stream_text", fake_stream_text)
+    with serving(lambda: mlx_lm.load(str(golden_dir))) as running:
+        running.seen = seen
+        yield running
+
+
+def test_generated_tool_calls_come_back_as_openai_tool_calls(scripted_server):
+    client = scripted_server.client
+    reply = client.chat.completions.create(model="golden_tiny", messages=HELLO, tools=[WEATHER])
+    choice = reply.choices[0]
+    assert scripted_server.seen["tools"] == [WEATHER] and scripted_server.seen["chat"] is True
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content == "Let me check."
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(
+        model="golden_tiny", messages=HELLO, tools=[WEATHER], stream=True
+    ):
+        delta = chunk.choices[0].delta
+        content += delta.content or ""
+        for call in delta.tool_calls or []:
+            calls.setdefault(call.index, [call.function.name, ""])[1] += call.function.arguments
+        finish = chunk.choices[0].finish_reason or finish
+    assert content == "Let me check. " and finish == "tool_calls"
+    assert calls[0][0] == "get_weather" and json.loads(calls[0][1]) == {"city": "Paris"}
+
+    plain = client.chat.completions.create(model="golden_tiny", messages=HELLO)
+    assert plain.choices[0].finish_reason == "stop"  # without tools the text stays content
+    assert "<tool_call>" in plain.choices[0].message.content
+
+
+def load_mix():
+    """32 requests: every mode, chat and text, greedy and seeded sampling."""
+    prompts = ["Hello", "Once upon a time", "The capital of France", "1 2 3 4"]
+    requests = []
+    for i in range(32):
+        sampling = {"temperature": 0.8, "seed": i} if i % 4 == 3 else {}
+        requests.append(
+            dict(mode=MODES[i % 3], chat=i % 2 == 0, prompt=prompts[i % 4], max_tokens=6 + i % 5, **sampling)
+        )
+    return requests
+
+
+async def streamed(client, request):
+    options = {k: request[k] for k in ("temperature", "seed") if k in request}
+    common = dict(model="golden_tiny", stream=True, max_tokens=request["max_tokens"])
+    extra = {"extra_body": {"mode": request["mode"]}}
+    if request["chat"]:
+        messages = [{"role": "user", "content": request["prompt"]}]
+        stream = await client.chat.completions.create(messages=messages, **common, **options, **extra)
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    stream = await client.completions.create(prompt=request["prompt"], **common, **options, **extra)
+    return "".join([c.choices[0].text async for c in stream])
+
+
+def test_32_concurrent_streams_each_get_their_lone_answer(server, tiny):
+    requests = load_mix()
+    expected = []
+    for r in requests:
+        options = {k: r[k] for k in ("temperature", "seed") if k in r}
+        prompt = [{"role": "user", "content": r["prompt"]}] if r["chat"] else r["prompt"]
+        expected.append(
+            alone(tiny, prompt, chat=r["chat"], mode=r["mode"], max_tokens=r["max_tokens"], **options)[0]
+        )
+
+    async def all_at_once():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        async with client:
+            return await asyncio.wait_for(
+                asyncio.gather(*(streamed(client, r) for r in requests)), timeout=120
+            )
+
+    assert asyncio.run(all_at_once()) == expected
+
+
+def test_a_client_leaving_mid_stream_disturbs_no_one(server, tiny):
+    before = dict(server.engine.counts)
+    long_request = {"model": "golden_tiny", "prompt": "Hello", "max_tokens": 400, "stream": True, "mode": "diffusion"}
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    async def leave_early_while_others_run():
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=60) as http:
+            async with http.stream("POST", "/v1/completions", json=long_request) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data: "):
+                        break  # leave after the first chunk
+            client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+            async with client:
+                return await asyncio.gather(*(streamed(client, r) for r in load_mix()[:4]))
+
+    texts = asyncio.run(leave_early_while_others_run())
+    for text, r in zip(texts, load_mix()[:4]):
+        options = {k: r[k] for k in ("temperature", "seed") if k in r}
+        prompt = [{"role": "user", "content": r["prompt"]}] if r["chat"] else r["prompt"]
+        assert text == alone(tiny, prompt, chat=r["chat"], mode=r["mode"], max_tokens=r["max_tokens"], **options)[0]
+    counts = server.engine.counts
+    wait_until(lambda: counts["completed"] == before["completed"] + 4)
+    assert counts["cancelled"] == before["cancelled"] + 1  # the worker stopped the abandoned job
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def wait_until(condition, timeout=10.0):
+    """The worker counts a job just after its client has the last byte: allow it a moment."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def post(server, path, body, key=KEY):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, (bytes, str)) else json.dumps(body)  # NaN stays NaN
+    return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "path, body, status, param, code",
+    [
+        ("/v1/chat/completions", b'{"messages": [', 400, None, "invalid_json"),
+        ("/v1/completions", b"\xff\xfe", 400, None, "invalid_json"),
+        ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature", "invalid_value"),
+        ("/v1/completions", [1, 2], 400, None, "invalid_value"),
+        ("/v1/chat/completions", {"messages": HELLO, "mode": "turbo"}, 400, "mode", "invalid_value"),
+        ("/v1/chat/completions", {"messages": HELLO, "max_tokens": -5}, 400, "max_tokens", "invalid_value"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1, "stream": True}, 400, "max_tokens", "invalid_value"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages", "invalid_value"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
+        ("/v1/completions", {"prompt": "word " * 600}, 400, "messages", "context_length_exceeded"),
+        ("/v1/completions", {"prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens", "context_length_exceeded"),
+        ("/v1/completions", {"prompt": "", "stream": True}, 400, None, None),
+        ("/v1/completions", {"prompt": "x", "n": 3}, 400, "n", "invalid_value"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, path, body, status, param, code):
+    response = post(server, path, body)
+    assert response.status_code == status
+    error = error_of(response)
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
+
+
+def test_the_api_key_is_required(server):
+    for key in ("wrong", None):
+        response = post(server, "/v1/completions", {"prompt": "x"}, key=key)
+        assert response.status_code == 401 and error_of(response)["code"] == "invalid_api_key"
+    bad_client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_client.models.list()
+    assert httpx.get(f"{server.url}/health").status_code == 200  # health stays open
+
+
+def test_unknown_paths_and_methods_get_error_bodies(server):
+    assert error_of(post(server, "/v1/embeddings", {}))["type"] == "invalid_request_error"
+    response = httpx.get(f"{server.url}/v1/chat/completions")
+    assert response.status_code == 405 and error_of(response)
+
+
+def test_the_openai_client_raises_its_bad_request_error(server):
+    with pytest.raises(openai.BadRequestError) as info:
+        server.client.chat.completions.create(
+            model="golden_tiny", messages=HELLO, extra_body={"mode": "turbo"}
+        )
+    assert info.value.body["param"] == "mode"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant", "tool"])},
+        optional={"content": st.text(max_size=20)},
+    ),
+    min_size=1,
+    max_size=3,
+)
+fields = {
+    "model": st.text(max_size=8),
+    "max_tokens": st.integers(-2, 8),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0.01, 1),
+    "top_k": st.integers(0, 400),
+    "min_p": st.floats(0, 1),
+    "repetition_penalty": st.floats(0.5, 2),
+    "seed": st.integers(-(2**64), 2**65),
+    "stop": st.text(max_size=3) | st.lists(st.text(min_size=1, max_size=3), max_size=4),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "mode": st.sampled_from(MODES + ["bogus"]),
+    "block_len": st.integers(1, 40),
+    "threshold": st.floats(0, 1),
+    "k": st.integers(2, 12),
+    "tools": st.just([WEATHER]),
+    "tool_choice": st.sampled_from(["none", "auto", "required"]),
+}
+
+
+@st.composite
+def bodies(draw):
+    """Mostly well-formed requests with a field or two replaced by any JSON; or junk."""
+    kind = draw(st.sampled_from(["request", "request", "request", "json", "bytes"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=40))
+    if kind == "json":
+        return draw(json_values)
+    required = {"messages": messages, "prompt": st.text(max_size=30)}
+    body = draw(st.fixed_dictionaries(required, optional=fields))
+    for name in draw(st.lists(st.sampled_from([*required, *fields]), max_size=2)):
+        body[name] = draw(json_values)
+    return body
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies(), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
+def test_fuzzed_bodies_never_get_a_5xx(server, body, path):
+    response = post(server, path, body)
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        error_of(response)
+    elif response.headers["content-type"].startswith("text/event-stream"):
+        events = [line for line in response.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and not any('"error"' in e[:12] for e in events)
+    else:
+        assert response.json()["choices"]
+
+
+def test_the_server_is_still_up_and_right_after_all_that(server, tiny):
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    reply = server.client.chat.completions.create(model="golden_tiny", messages=HELLO)
+    assert reply.choices[0].message.content == alone(tiny, HELLO, chat=True)[0]
