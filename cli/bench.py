@@ -32,7 +32,9 @@ def _write_json(path: Path, data: dict) -> None:
 def bench(
     model: Annotated[
         Optional[str],
-        typer.Option("--model", "-m", help="Model directory; default: random dhara-250m-shaped weights."),
+        typer.Option(
+            "--model", "-m", help="Model directory; default: random dhara-250m-shaped weights."
+        ),
     ] = None,
     dtype: Annotated[DType, typer.Option(help="dtype of the random weights.")] = DType.float32,
     prompt_lens: Annotated[
@@ -79,7 +81,8 @@ def bench(
         reference=reference,
         seed=seed,
         progress=lambda row: typer.echo(
-            f"{row.mode:>9} prompt {row.prompt_tokens:>5}: {row.tokens_per_second:.2f} tok/s", err=True
+            f"{row.mode:>9} prompt {row.prompt_tokens:>5}: {row.tokens_per_second:.2f} tok/s",
+            err=True,
         ),
     )
     typer.echo(runtime_bench.format_results(rows, ref))

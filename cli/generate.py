@@ -60,7 +60,9 @@ def load_model(path: str):
     try:
         return mlx_lm.load(path)
     except Exception as exc:
-        hint = "" if Path(path).exists() else " (no such directory, nor a reachable Hugging Face repo)"
+        hint = (
+            "" if Path(path).exists() else " (no such directory, nor a reachable Hugging Face repo)"
+        )
         raise typer.BadParameter(
             f"could not load a model from {path!r}{hint}: {exc}", param_hint="'--model'"
         ) from exc
@@ -82,9 +84,12 @@ def format_stats(stats) -> str:
 def _print_reply(chunks) -> None:
     """Stream the text to stdout, then the stats line to stderr."""
     last = None
-    for chunk in chunks:
-        typer.echo(chunk.text, nl=False)
-        last = chunk
+    try:
+        for chunk in chunks:
+            typer.echo(chunk.text, nl=False)
+            last = chunk
+    except ValueError as exc:  # the runtime refused the prompt or an option
+        raise typer.BadParameter(str(exc)) from exc
     typer.echo()
     if last is not None:
         typer.echo(format_stats(last.stats), err=True)
@@ -139,10 +144,7 @@ def generate(
         threshold=threshold,
         k=k,
     )
-    try:
-        _print_reply(chunks)
-    except ValueError as exc:  # the runtime refused the prompt or an option
-        raise typer.BadParameter(str(exc)) from exc
+    _print_reply(chunks)
 
 
 @app.command()

@@ -25,7 +25,10 @@ class Objective(str, Enum):
 
 
 def _report(entry: dict) -> None:
-    typer.echo(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in entry.items()}))
+    """One JSON line per report, written around the progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in entry.items()}))
 
 
 def _library_errors(call):

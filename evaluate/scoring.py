@@ -17,9 +17,10 @@ the decoder's first denoising step of the chunk assigns to the true tokens: all
 of them masked at once, predicted together from what precedes them. See
 docs/evaluation.md.
 
-Requests are batched by length with right padding. Padding never reaches a real
-token: canon convs and the causal mask only look back, and the block-causal mask
-is cut to each row's own length.
+Requests are batched by length with right padding, and requests with identical
+inputs share a forward. Padding never reaches a real token: canon convs and the
+causal mask only look back, and the block-causal mask is cut to each row's own
+length.
 """
 
 from dataclasses import dataclass

@@ -17,6 +17,7 @@ from mlx_lm.models.base import (
 )
 
 from .cache import DharaCache
+from .checkpoint import MODEL_TYPE, check_weights
 from .rope import rope_parameters
 
 CANON_SITES = "ABCD"
@@ -24,7 +25,7 @@ CANON_SITES = "ABCD"
 
 @dataclass
 class ModelArgs(BaseModelArgs):
-    model_type: str = "dhara_ar"
+    model_type: str = MODEL_TYPE
     hidden_size: int = 768
     num_hidden_layers: int = 32
     intermediate_size: int = 2176
@@ -48,6 +49,11 @@ class ModelArgs(BaseModelArgs):
     canon_bias: bool = False
 
     def __post_init__(self):
+        if self.model_type != MODEL_TYPE:
+            raise ValueError(
+                f"config.json: model_type {self.model_type!r} is not {MODEL_TYPE!r}; "
+                "this is not a dhara checkpoint."
+            )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -160,13 +166,14 @@ class RotaryEmbedding(nn.Module):
         self.freeze()
 
 
-def rope_tables(inv_freqs: mx.array, offset, length: int, factor: float) -> list[tuple]:
-    """Per layer, (cos, signed sin) [B, 1, L, 2, head_dim/2] of its RoPE, all in one computation.
+def rope_tables(inv_freqs: mx.array, offset, length: int, factor: float):
+    """cos and signed sin of every layer's RoPE, in one computation.
 
-    ``offset`` is an int or, for a batch, one offset per row. Angles are
-    positions x inv_freq in float32, as the reference computes them. The sin
-    table holds -sin for the first half of each head and +sin for the second,
-    the signs of rotate-half.
+    Returns two lists, indexed by layer, of [1, B, 1, L, 2, head_dim/2] tables for
+    ``apply_rope``. ``offset`` is an int or, for a batch, one offset per row.
+    Angles are positions x inv_freq in float32, as the reference computes them.
+    The sin table holds -sin for the first half of each head and +sin for the
+    second, the signs of rotate-half.
     """
     positions = mx.arange(length, dtype=mx.float32)
     if isinstance(offset, mx.array) and offset.ndim == 1:
@@ -179,7 +186,7 @@ def rope_tables(inv_freqs: mx.array, offset, length: int, factor: float) -> list
         cos, sin = cos * factor, sin * factor
     sin = mx.concatenate([-sin, sin], axis=-2)
     layers = inv_freqs.shape[0]
-    return list(zip(mx.split(cos, layers), mx.split(sin, layers)))
+    return mx.split(cos, layers), mx.split(sin, layers)
 
 
 @mx.compile
@@ -273,11 +280,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
         self._canon_widths = canon_widths(args)
+        self._history_len = args.canon_kernel - 1
 
-    def __call__(self, x, mask, cache: Optional[DharaCache], history, valid, rope) -> mx.array:
-        """``history``: the canon history to use without a cache (zeros)."""
-        if cache is not None:
-            history = cache.canon_history(history)
+    def __call__(
+        self, x, mask, cache: Optional[DharaCache], valid, rope, zeros: Optional[mx.array] = None
+    ) -> mx.array:
+        """``zeros`` [B, K-1, canon width]: the canon history before the first token."""
+        if zeros is None:
+            width = sum(self._canon_widths.values())
+            zeros = mx.zeros((x.shape[0], self._history_len, width), x.dtype)
+        history = zeros if cache is None else cache.canon_history(zeros)
         canon = CanonStep(self._canon_widths, history, valid)
         a = canon("a", self.input_layernorm(x), self.canon_a)
         h = x + self.self_attn(a, mask, cache, canon, rope)
@@ -310,12 +322,12 @@ class DharaModel(nn.Module):
         history_len = self.args.canon_kernel - 1
         valid = first.canon_valid(history_len, h.shape[1]) if first is not None else None
         width = sum(canon_widths(self.args).values())
-        history = mx.zeros((h.shape[0], history_len, width), h.dtype)
+        zeros = mx.zeros((h.shape[0], history_len, width), h.dtype)
         inv_freqs = mx.stack([layer.self_attn.rotary_emb.inv_freq for layer in self.layers])
         offset = first.offset if first is not None else 0
-        ropes = rope_tables(inv_freqs, offset, h.shape[1], self.rope_factor)
-        for layer, layer_cache, rope in zip(self.layers, cache, ropes):
-            h = layer(h, mask, layer_cache, history, valid, rope)
+        cos, sin = rope_tables(inv_freqs, offset, h.shape[1], self.rope_factor)
+        for layer, layer_cache, rope in zip(self.layers, cache, zip(cos, sin)):
+            h = layer(h, mask, layer_cache, valid, rope, zeros)
         return self.norm(h)
 
 
@@ -345,7 +357,7 @@ class Model(nn.Module):
         return cap * mx.tanh(logits / cap) if cap else logits
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Hugging Face names and layouts to this module tree."""
+        """Hugging Face names and layouts to this module tree, then check them all."""
         if self.args.tie_word_embeddings:
             weights.pop("lm_head.weight", None)
         sanitized = {}
@@ -358,6 +370,7 @@ class Model(nn.Module):
         for i, layer in enumerate(self.model.layers):
             key = f"model.layers.{i}.self_attn.rotary_emb.inv_freq"
             sanitized.setdefault(key, layer.self_attn.rotary_emb.inv_freq)
+        check_weights(self, sanitized)
         return sanitized
 
     @property

@@ -13,8 +13,7 @@ import mlx_lm.models.cache as mlx_cache
 
 from . import model
 from .cache import DharaCache
-
-MODEL_TYPE = "dhara_ar"
+from .checkpoint import MODEL_TYPE
 
 
 def register() -> None:

@@ -14,14 +14,27 @@ import mlx.core as mx
 def yarn_parameters(
     head_dim: int, theta: float, scaling: dict, max_position_embeddings: Optional[int]
 ) -> tuple[mx.array, float]:
-    """YaRN inverse frequencies and attention factor (Peng et al., 2023)."""
-    factor = float(scaling["factor"])
+    """YaRN inverse frequencies and attention factor (Peng et al., 2023).
+
+    Keys and fallbacks as in Hugging Face configs: a missing
+    ``original_max_position_embeddings`` is ``max_position_embeddings``; a missing
+    ``factor`` is their ratio.
+    """
     original = scaling.get("original_max_position_embeddings") or max_position_embeddings
     if original is None:
         raise ValueError(
-            "rope_scaling of type yarn needs 'original_max_position_embeddings' "
-            "(or max_position_embeddings in config.json)."
+            "config.json: rope_scaling of type yarn needs 'original_max_position_embeddings' "
+            "(or max_position_embeddings)."
         )
+    factor = scaling.get("factor")
+    if factor is None:
+        if max_position_embeddings is None:
+            raise ValueError(
+                "config.json: rope_scaling of type yarn needs 'factor' "
+                "(or max_position_embeddings to derive it)."
+            )
+        factor = max_position_embeddings / original
+    factor = float(factor)
     beta_fast = float(scaling.get("beta_fast") or 32.0)
     beta_slow = float(scaling.get("beta_slow") or 1.0)
     mscale = scaling.get("mscale")
@@ -70,5 +83,6 @@ def rope_parameters(
     if kind == "yarn":
         return yarn_parameters(head_dim, theta, scaling, max_position_embeddings)
     raise ValueError(
-        f"rope_scaling type {kind!r} is not supported by dhara; use no scaling or 'yarn'."
+        f"config.json: rope_scaling type {kind!r} is not supported by dhara; "
+        "use no scaling or 'yarn'."
     )

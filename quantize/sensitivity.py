@@ -411,7 +411,12 @@ def refine(
     modules = list(refinement.modules.values())
     width = len(refinement.measured_bits)
     spent = 0.0
-    bar = tqdm(total=round(allowance, 1), desc="Measuring near the cut", unit="fwd", leave=False)
+    bar = tqdm(
+        total=allowance,
+        desc="Measuring near the cut",
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} forwards per sample [{elapsed}<{remaining}]",
+        leave=False,
+    )
     while True:
         kl = {p: s.kl for p, s in refinement.sensitivities().items()}
         points = module_points(modules, kl, refinement.bits, group_size, scale_bits)

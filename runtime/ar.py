@@ -4,8 +4,8 @@ from typing import Iterator
 
 import mlx.core as mx
 
-from .forward import forward, prefill
-from .sampling import Sampling, adjust_logits, choose, presence
+from .forward import cache_length, forward, prefill
+from .sampling import Sampling, adjust_logits, choose, seen_tokens
 from .settings import Settings
 from .stats import Stats, Step
 
@@ -13,7 +13,7 @@ from .stats import Stats, Step
 def next_token(model, logits: mx.array, seq: list[int], sampling: Sampling) -> int:
     """The AR token at position ``len(seq)`` from the logits [vocab] that predict it."""
     args = model.args
-    seen = presence(seq, args.vocab_size) if sampling.repetition_penalty != 1.0 else None
+    seen = seen_tokens(sampling, seq, args.vocab_size)
     adjusted = adjust_logits(logits[None], seen, sampling, args.mask_token_id)
     return choose(adjusted, sampling, [len(seq)]).item()
 
@@ -29,8 +29,7 @@ def finished(seq: list[int], generated: int, settings: Settings, stats: Stats) -
 
 def prefill_causal(model, cache: list, seq: list[int], stats: Stats) -> mx.array:
     """Feed the uncached prompt; the logits [vocab] that predict the first new token."""
-    cached = cache[0].offset
-    prefill(model, cache, seq[cached:-1])
+    prefill(model, cache, seq[cache_length(cache) : -1])
     logits = forward(model, cache, seq[-1:])[-1]
     stats.forwards += 1
     mx.eval(logits)

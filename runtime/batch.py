@@ -62,7 +62,9 @@ def generate_batch(
         if sampling.repetition_penalty != 1.0:
             seen = mx.stack([presence(r + o, args.vocab_size) for r, o in zip(rows, outputs)])
         positions = [len(r) + len(o) for r, o in zip(rows, outputs)]
-        tokens = choose(adjust_logits(logits, seen, sampling, args.mask_token_id), sampling, positions)
+        tokens = choose(
+            adjust_logits(logits, seen, sampling, args.mask_token_id), sampling, positions
+        )
         for i, token in enumerate(tokens.tolist()):
             if running[i]:
                 outputs[i].append(token)

@@ -57,7 +57,9 @@ def random_model(dtype: mx.Dtype = mx.float32, seed: int = 0, **overrides) -> Mo
     mx.random.seed(seed)
     model = Model(ModelArgs(**overrides))
     params = tree_flatten(model.parameters())
-    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in params if model.cast_predicate(k)]))
+    model.update(
+        tree_unflatten([(k, v.astype(dtype)) for k, v in params if model.cast_predicate(k)])
+    )
     mx.eval(model.parameters())
     return model
 
@@ -73,7 +75,9 @@ def random_prompt(model, length: int, seed: int = 0) -> list[int]:
     return [rng.choice(choices) for _ in range(length)]
 
 
-def bench_mode(model, name: str, prompt: list[int], mode: str, max_tokens: int, **kwargs) -> BenchRow:
+def bench_mode(
+    model, name: str, prompt: list[int], mode: str, max_tokens: int, **kwargs
+) -> BenchRow:
     """Decode once and report the run's stats."""
     mx.reset_peak_memory()
     steps = list(decode(model, prompt, mode=mode, max_tokens=max_tokens, **kwargs))
@@ -126,7 +130,9 @@ def bench_reference(
         lambda: [t for s in decode(model, prompt, mode="diffusion", **settings) for t in s.tokens]
     )
     uncached, uncached_seconds = timed(uncached_diffusion, model, prompt, **settings)
-    return ReferenceRow(name, len(prompt), len(cached), cached_seconds, uncached_seconds, cached == uncached)
+    return ReferenceRow(
+        name, len(prompt), len(cached), cached_seconds, uncached_seconds, cached == uncached
+    )
 
 
 def run_bench(
@@ -165,16 +171,33 @@ def run_bench(
 
 def format_results(rows: list[BenchRow], ref: Optional[ReferenceRow]) -> str:
     """A Markdown table of the rows, and the reference comparison under it."""
-    lines = [
-        "| model | mode | prompt | tokens | tok/s | tok/forward | drafts/round | first token (s) | peak mem (GB) | GB/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = (
+        "model",
+        "mode",
+        "prompt",
+        "tokens",
+        "tok/s",
+        "tok/forward",
+        "drafts/round",
+        "first token (s)",
+        "peak mem (GB)",
+        "GB/s",
+    )
+    lines = ["| " + " | ".join(header) + " |", "|---|---" + "|---:" * (len(header) - 2) + "|"]
     for r in rows:
-        lines.append(
-            f"| {r.model} | {r.mode} | {r.prompt_tokens} | {r.generated} | {r.tokens_per_second:.2f} "
-            f"| {r.tokens_per_forward:.2f} | {r.accepted_per_round:.2f} | {r.first_token_seconds:.3f} "
-            f"| {r.peak_memory_gb:.2f} | {r.bandwidth_gb_s:.2f} |"
+        cells = (
+            r.model,
+            r.mode,
+            r.prompt_tokens,
+            r.generated,
+            f"{r.tokens_per_second:.2f}",
+            f"{r.tokens_per_forward:.2f}",
+            f"{r.accepted_per_round:.2f}",
+            f"{r.first_token_seconds:.3f}",
+            f"{r.peak_memory_gb:.2f}",
+            f"{r.bandwidth_gb_s:.2f}",
         )
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if ref is not None:
         lines += [
             "",

@@ -39,7 +39,9 @@ def decode(
     starts from the state of the previous run that shares a prefix with this
     prompt and leaves its own state there when it ends or is closed.
     """
-    settings = Settings(mode, max_tokens, frozenset(int(t) for t in stop_ids), block_len, threshold, k)
+    settings = Settings(
+        mode, max_tokens, frozenset(int(t) for t in stop_ids), block_len, threshold, k
+    )
     sampling = Sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
     settings.validate()
     sampling.validate()
@@ -52,15 +54,14 @@ def _run(model, prompt, settings: Settings, sampling: Sampling, prefix_cache) ->
     cache = prefix_cache.take(model, prompt, grid) if prefix_cache else model.make_cache()
     stats = Stats(settings.mode, prompt_tokens=len(prompt), reused_tokens=cache[0].offset)
     seq = list(prompt)
-    completed = False
+    failed = False  # a run that raised may have left the cache mid-step: do not keep it
     try:
         yield from _DECODERS[settings.mode](model, cache, seq, sampling, settings, stats)
-        completed = True
-    except GeneratorExit:
-        completed = True
+    except Exception:
+        failed = True
         raise
     finally:
-        if prefix_cache is not None and completed:
+        if prefix_cache is not None and not failed:
             prefix_cache.keep(model, cache, seq, grid)
 
 

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from .ar import finished
 from .forward import cache_length, forward, prefill, rollback
-from .sampling import Sampling, adjust_logits, choose, filtered_logprobs, presence
+from .sampling import Sampling, adjust_logits, choose, filtered_logprobs, seen_tokens
 from .settings import Settings
 from .stats import Stats, Step
 
@@ -45,7 +45,6 @@ def decode_diffusion(
         yield Step([], stats)
         return
     grid, mask_id = settings.block_len, model.args.mask_token_id
-    penalize = sampling.repetition_penalty != 1.0
     prefill(model, cache, seq[cache_length(cache) : len(seq) // grid * grid], grid)
     stats.prefilled()
     while True:
@@ -60,7 +59,7 @@ def decode_diffusion(
             rollback(cache, start // grid * grid)
             masked = [i for i, t in enumerate(block) if t == mask_id]
             committed = [t for t in block if t != mask_id]
-            seen = presence(seq[:start] + committed, model.args.vocab_size) if penalize else None
+            seen = seen_tokens(sampling, seq[:start] + committed, model.args.vocab_size)
             rows = logits[mx.array([start - frozen + i for i in masked])]
             positions = [start + i for i in masked]
             tokens, commit = denoise(rows, seen, positions, sampling, settings.threshold, mask_id)
@@ -75,7 +74,7 @@ def decode_diffusion(
             seq.extend(new)
             stats.rounds += 1
             stats.emitted(len(new))
-            done = finished(seq, stats.generated, settings, stats) if new else False
+            done = finished(seq, stats.generated, settings, stats)
             yield Step(new, stats)
             if done:
                 return

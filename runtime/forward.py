@@ -18,9 +18,7 @@ def cache_length(cache: list) -> int:
     return cache[0].offset
 
 
-def forward(
-    model, cache: list, tokens: Sequence[int], block_len: Optional[int] = None
-) -> mx.array:
+def forward(model, cache: list, tokens: Sequence[int], block_len: Optional[int] = None) -> mx.array:
     """Logits [L, vocab] of ``tokens`` appended to the cache.
 
     Causal, or block-causal over global positions when ``block_len`` is given.

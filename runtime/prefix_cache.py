@@ -46,11 +46,12 @@ class PrefixCache:
         At least the last prompt token is left to compute (its logits start
         decoding); under a grid, only whole blocks of the prompt are kept.
         """
-        cache, self._cache = self._cache, None
+        cache, held = self._cache, self._tokens
+        self._cache, self._tokens = None, []
         if cache is None or self._model is not model or self._grid != grid:
             return model.make_cache()
         usable = len(prompt) - 1 if grid is None else len(prompt) // grid * grid
-        keep = min(shared_prefix(self._tokens, prompt), usable)
+        keep = min(shared_prefix(held, prompt), usable)
         if grid is not None:
             keep = keep // grid * grid
         rollback(cache, keep)
@@ -63,4 +64,5 @@ class PrefixCache:
         self._tokens = list(seq[: cache_length(cache)])
 
     def clear(self) -> None:
-        self.__init__()
+        """Forget the held state."""
+        self._model, self._cache, self._tokens, self._grid = None, None, [], None

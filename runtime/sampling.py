@@ -7,7 +7,7 @@ the token that AR would draw at each position, and a batch row draws what the
 same prompt draws alone.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -48,10 +48,7 @@ class Sampling:
         """A copy with a concrete seed: drawn from MLX's global generator when unset."""
         if self.seed is not None or self.greedy:
             return self
-        seed = mx.random.randint(0, 1 << 31, shape=()).item()
-        return Sampling(
-            self.temperature, self.top_p, self.top_k, self.min_p, self.repetition_penalty, seed
-        )
+        return replace(self, seed=mx.random.randint(0, 1 << 31, shape=()).item())
 
 
 def _mix64(x: int) -> int:
@@ -72,6 +69,11 @@ def presence(tokens: Sequence[int], vocab_size: int) -> mx.array:
     if tokens:
         seen[mx.array(list(tokens))] = True
     return seen
+
+
+def seen_tokens(sampling: Sampling, tokens: Sequence[int], vocab_size: int) -> Optional[mx.array]:
+    """The presence of ``tokens`` when a repetition penalty is on, else None (nothing to do)."""
+    return presence(tokens, vocab_size) if sampling.repetition_penalty != 1.0 else None
 
 
 def adjust_logits(
@@ -124,9 +126,7 @@ def filtered_logprobs(logits: mx.array, sampling: Sampling) -> mx.array:
 
 def gumbel_noise(seed: int, positions: Sequence[int], vocab_size: int) -> mx.array:
     """[len(positions), vocab] Gumbel noise, one independent draw per position."""
-    return mx.stack(
-        [mx.random.gumbel((vocab_size,), key=position_key(seed, p)) for p in positions]
-    )
+    return mx.stack([mx.random.gumbel((vocab_size,), key=position_key(seed, p)) for p in positions])
 
 
 def choose(logits: mx.array, sampling: Sampling, positions: Sequence[int]) -> mx.array:

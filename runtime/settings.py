@@ -54,8 +54,3 @@ def check_prompt(prompt_ids: Sequence[int], vocab_size: int, what: str = "prompt
             "was it encoded with this model's tokenizer?"
         )
     return ids
-
-
-def check_all(settings: Settings, sampling: Sampling) -> None:
-    settings.validate()
-    sampling.validate()

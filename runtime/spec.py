@@ -13,12 +13,20 @@ import mlx.core as mx
 
 from .ar import finished, next_token, prefill_causal
 from .forward import cache_length, forward, rollback
-from .sampling import Sampling, adjust_logits, choose, presence
+from .sampling import Sampling, adjust_logits, choose, presence, seen_tokens
 from .settings import Settings
 from .stats import Stats, Step
 
 
-def draft(model, cache: list, anchor_seq: list[int], width: int, sampling, settings, stats):
+def draft(
+    model,
+    cache: list,
+    anchor_seq: list[int],
+    width: int,
+    sampling: Sampling,
+    settings: Settings,
+    stats: Stats,
+) -> list[int]:
     """``width - 1`` draft tokens after the anchor (the last token of ``anchor_seq``)."""
     args = model.args
     start = cache_length(cache)
@@ -26,13 +34,15 @@ def draft(model, cache: list, anchor_seq: list[int], width: int, sampling, setti
     logits = forward(model, cache, window, settings.block_len)[1:]
     stats.forwards += 1
     rollback(cache, start)
-    seen = presence(anchor_seq, args.vocab_size) if sampling.repetition_penalty != 1.0 else None
+    seen = seen_tokens(sampling, anchor_seq, args.vocab_size)
     adjusted = adjust_logits(logits, seen, sampling, args.mask_token_id)
     positions = range(len(anchor_seq), len(anchor_seq) + width - 1)
     return choose(adjusted, sampling, positions).tolist()
 
 
-def verify(model, logits: mx.array, seq: list[int], drafts: list[int], sampling) -> list[int]:
+def verify(
+    model, logits: mx.array, seq: list[int], drafts: list[int], sampling: Sampling
+) -> list[int]:
     """The AR tokens after ``seq``: accepted drafts, then the next anchor.
 
     ``logits`` [len(drafts) + 1, vocab] are the causal predictions after the

@@ -100,16 +100,17 @@ def stream_text(
         for step in steps:
             tokens += [t for t in step.tokens if t not in stop_ids]
             text = tokenizer.decode(tokens)
-            found = [i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0]
-            if found:
+            hits = [i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0]
+            if hits:
                 step.stats.finish_reason = "stop"
+                end = min(hits)
+            elif step.stats.finish_reason:
+                end = len(text)
+            else:
+                end = len(text) - held_back(text, stops)
             reason = step.stats.finish_reason
             if reason:  # hand the state to the prefix cache before the caller sees the end
                 steps.close()
-            if found:
-                end = min(found)
-            else:
-                end = len(text) if reason else len(text) - held_back(text, stops)
             yield TextChunk(text[sent:end], step.tokens, step.stats, reason)
             if reason:
                 return

@@ -11,8 +11,12 @@ itself keeps running.
 import json
 import logging
 import secrets
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Union
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
@@ -59,7 +63,9 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     """Unknown paths and wrong methods, in the OpenAI error shape."""
-    return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").response()
+    return APIError(
+        exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"
+    ).response()
 
 
 async def _read(request: Request, schema: type[BaseModel]) -> Any:
@@ -136,19 +142,24 @@ class _API:
         )
 
     async def models(self, request: Request) -> Response:
-        model = {"id": self.config.model_id, "object": "model", "created": 0, "owned_by": "optiq-dhara"}
+        model = {
+            "id": self.config.model_id,
+            "object": "model",
+            "created": 0,
+            "owned_by": "optiq-dhara",
+        }
         return JSONResponse({"object": "list", "data": [model]})
 
     async def chat(self, request: Request) -> Response:
         body: ChatCompletionRequest = await _read(request, ChatCompletionRequest)
         messages = [message.template_dict() for message in body.messages]
         reply = Completion(True, self.config.model_id)
-        return await self._respond(body, messages, body.token_limit, reply, body.template_tools())
+        return await self._respond(body, messages, reply, body.template_tools())
 
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await _read(request, CompletionRequest)
         reply = Completion(False, self.config.model_id)
-        return await self._respond(body, body.prompt, body.token_limit, reply, None)
+        return await self._respond(body, body.prompt, reply, None)
 
     def _prompt_tokens(self, prompt: Union[str, list[dict]], chat: bool, tools) -> int:
         """Length of the prompt as the runtime will encode it."""
@@ -157,7 +168,7 @@ class _API:
         except TemplateError as exc:
             raise invalid(f"The chat template rejected the messages: {exc}", "messages") from None
 
-    def _budget(self, requested: Optional[int], prompt_tokens: int) -> int:
+    def _budget(self, requested: Optional[int], prompt_tokens: int, prompt_field: str) -> int:
         """max_tokens for the run: the request's, or the server default, within the context."""
         limit = self.config.max_context
         room = limit - prompt_tokens
@@ -165,7 +176,7 @@ class _API:
             raise invalid(
                 f"This model's maximum context length is {limit} tokens, and the prompt has "
                 f"{prompt_tokens}; shorten the prompt.",
-                "messages",
+                prompt_field,
                 "context_length_exceeded",
             )
         if requested is None:
@@ -184,7 +195,6 @@ class _API:
         self,
         body: DecodeRequest,
         prompt: Union[str, list[dict]],
-        requested: Optional[int],
         reply: Completion,
         tools: Optional[list[dict]],
     ) -> Response:
@@ -193,7 +203,9 @@ class _API:
             chat=reply.chat,
             tools=tools,
             mode=body.mode or self.config.mode,
-            max_tokens=self._budget(requested, prompt_tokens),
+            max_tokens=self._budget(
+                body.token_limit, prompt_tokens, "messages" if reply.chat else "prompt"
+            ),
             temperature=body.temperature,
             top_p=body.top_p,
             top_k=body.top_k,
@@ -259,6 +271,31 @@ class _API:
             yield sse(error.body())
         finally:
             await chunks.aclose()
+
+
+@contextmanager
+def background_server(app: Starlette, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve ``app`` with uvicorn from a thread on a free port; yields the base URL.
+
+    For embedding the server in another program (a notebook, a test, a benchmark).
+    """
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind((host, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"uvicorn did not start on {host}")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()
+        sock.close()
 
 
 def run_server(

@@ -44,9 +44,11 @@ def openai_tool_calls(calls: list[dict], first_index: int = 0) -> list[dict]:
             "type": "function",
             "function": {
                 "name": call["name"],
-                "arguments": call["arguments"]
-                if isinstance(call["arguments"], str)
-                else json.dumps(call["arguments"], ensure_ascii=False),
+                "arguments": (
+                    call["arguments"]
+                    if isinstance(call["arguments"], str)
+                    else json.dumps(call["arguments"], ensure_ascii=False)
+                ),
             },
         }
         for i, call in enumerate(calls)

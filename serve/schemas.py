@@ -60,6 +60,11 @@ class DecodeRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def token_limit(self) -> Optional[int]:
+        """The requested max_tokens, None for the server default."""
+        return self.max_tokens
+
 
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -128,7 +133,3 @@ class ChatCompletionRequest(DecodeRequest):
 
 class CompletionRequest(DecodeRequest):
     prompt: str
-
-    @property
-    def token_limit(self) -> Optional[int]:
-        return self.max_tokens

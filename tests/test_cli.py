@@ -1,4 +1,4 @@
-"""`dhara-mlx generate`, `chat`, `serve` and `lm`, through typer's runner and the installed script."""
+"""`dhara-mlx generate`, `chat`, `serve` and `lm`: typer's runner and the installed script."""
 
 import signal
 import socket
@@ -36,7 +36,9 @@ def invoke(*args, input=None):
 
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
 def test_generate_prints_the_runtime_text_then_a_stats_line(tiny, golden_dir, mode):
-    result = invoke("generate", "--model", golden_dir, "--prompt", "Hello", "--mode", mode, "--max-tokens", 10)
+    result = invoke(
+        "generate", "--model", golden_dir, "--prompt", "Hello", "--mode", mode, "--max-tokens", 10
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout == runtime_text(tiny, "Hello", mode=mode, max_tokens=10) + "\n"
     stats = result.stderr.strip()
@@ -46,8 +48,30 @@ def test_generate_prints_the_runtime_text_then_a_stats_line(tiny, golden_dir, mo
 
 
 def test_generate_chat_sampling_and_stop(tiny, golden_dir):
-    sampling = ["--temp", 0.8, "--top-p", 0.9, "--top-k", 40, "--repetition-penalty", 1.1, "--seed", 3]
-    args = ["generate", "-m", golden_dir, "-p", "Hello", "--chat", "--system", "Be brief.", "--max-tokens", 8]
+    sampling = [
+        "--temp",
+        0.8,
+        "--top-p",
+        0.9,
+        "--top-k",
+        40,
+        "--repetition-penalty",
+        1.1,
+        "--seed",
+        3,
+    ]
+    args = [
+        "generate",
+        "-m",
+        golden_dir,
+        "-p",
+        "Hello",
+        "--chat",
+        "--system",
+        "Be brief.",
+        "--max-tokens",
+        8,
+    ]
     first, second = invoke(*args, *sampling), invoke(*args, *sampling)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
     options = dict(temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.1, seed=3)
@@ -55,7 +79,9 @@ def test_generate_chat_sampling_and_stop(tiny, golden_dir):
     assert first.stdout == second.stdout == expected + "\n"
 
     full = runtime_text(tiny, "Hello", mode="spec", max_tokens=12)
-    stopped = invoke("generate", "-m", golden_dir, "-p", "Hello", "--max-tokens", 12, "--stop", full[4:7])
+    stopped = invoke(
+        "generate", "-m", golden_dir, "-p", "Hello", "--max-tokens", 12, "--stop", full[4:7]
+    )
     assert stopped.stdout == full[: full.find(full[4:7])] + "\n"
     assert "finish: stop" in stopped.stderr
 
@@ -70,16 +96,36 @@ def test_generate_refuses_bad_input_with_a_message(golden_dir, tmp_path):
 
 
 def test_chat_keeps_history_and_switches_mode(tiny, golden_dir):
-    lines = ["Hello", "/mode ar", "How are you?", "/mode turbo", "/reset", "Hello", "/quit", "never read"]
+    lines = [
+        "Hello",
+        "/mode ar",
+        "How are you?",
+        "/mode turbo",
+        "/reset",
+        "Hello",
+        "/quit",
+        "never read",
+    ]
     result = invoke(
-        "chat", "-m", golden_dir, "--temp", 0, "--repetition-penalty", 1, "--max-tokens", 8,
+        "chat",
+        "-m",
+        golden_dir,
+        "--temp",
+        0,
+        "--repetition-penalty",
+        1,
+        "--max-tokens",
+        8,
         input="\n".join(lines) + "\n",
     )
     assert result.exit_code == 0, result.output
     options = dict(max_tokens=8, temperature=0.0, top_p=0.9, repetition_penalty=1.0)
     first = [{"role": "user", "content": "Hello"}]
     reply1 = runtime_text(tiny, first, chat=True, mode="spec", **options)
-    second = first + [{"role": "assistant", "content": reply1}, {"role": "user", "content": "How are you?"}]
+    second = first + [
+        {"role": "assistant", "content": reply1},
+        {"role": "user", "content": "How are you?"},
+    ]
     reply2 = runtime_text(tiny, second, chat=True, mode="ar", **options)
     reply3 = runtime_text(tiny, first, chat=True, mode="ar", **options)  # after /reset
     out = result.stdout
@@ -100,7 +146,11 @@ def test_lm_runs_stock_mlx_lm_commands_with_dhara_registered(golden_dir):
     assert result.exit_code == 0, result.output
     assert "Generation: 4 tokens" in result.output
     result = invoke("lm", "server", "--help")
-    assert result.exit_code == 0 and "dhara-mlx lm server" in result.output and "--model" in result.output
+    assert (
+        result.exit_code == 0
+        and "dhara-mlx lm server" in result.output
+        and "--model" in result.output
+    )
     result = invoke("lm", "bogus")
     assert result.exit_code == 2 and "'bogus' is not an mlx-lm command" in result.output
 
@@ -140,8 +190,22 @@ def free_port() -> int:
 def test_the_installed_serve_command_answers(tiny, golden_dir):
     port = free_port()
     server = subprocess.Popen(
-        [installed(), "serve", "-m", golden_dir, "--port", str(port), "--max-tokens", "6",
-         "--mode", "ar", "--api-key", "k", "--log-level", "warning"],
+        [
+            installed(),
+            "serve",
+            "-m",
+            golden_dir,
+            "--port",
+            str(port),
+            "--max-tokens",
+            "6",
+            "--mode",
+            "ar",
+            "--api-key",
+            "k",
+            "--log-level",
+            "warning",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

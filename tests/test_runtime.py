@@ -94,7 +94,9 @@ def test_mask_is_never_emitted(golden_model, golden, mode, extra):
 def test_causal_modes_stop_after_the_first_stop_token(golden_model, golden, mode):
     expected = ids(golden, "greedy_p1")
     stop = expected[3]  # 191, first generated at index 3
-    out, stats = run(golden_model, ids(golden, "prompt_p1"), mode=mode, max_tokens=40, stop_ids=[stop])
+    out, stats = run(
+        golden_model, ids(golden, "prompt_p1"), mode=mode, max_tokens=40, stop_ids=[stop]
+    )
     assert out == expected[:4]
     assert stats.finish_reason == "stop"
 
@@ -119,7 +121,9 @@ def test_diffusion_stops_inside_a_block(golden_model, golden, golden_settings):
 @pytest.mark.parametrize("mode", ["ar", "spec", "diffusion"])
 @pytest.mark.parametrize("max_tokens", [0, 1, 7])
 def test_max_tokens_is_respected(golden_model, golden, mode, max_tokens):
-    out, stats = run(golden_model, ids(golden, "prompt_p1"), mode=mode, max_tokens=max_tokens, block_len=4)
+    out, stats = run(
+        golden_model, ids(golden, "prompt_p1"), mode=mode, max_tokens=max_tokens, block_len=4
+    )
     assert len(out) == max_tokens
     assert stats.finish_reason == "length"
     if mode != "diffusion":
@@ -151,7 +155,11 @@ def test_bad_arguments_raise_before_decoding(golden_model, kwargs, message):
 
 @pytest.mark.parametrize(
     "prompt, message",
-    [([], "prompt is empty"), ([1, 320], "token id 320 outside the vocabulary [0, 320)"), ([-1], "token id -1")],
+    [
+        ([], "prompt is empty"),
+        ([1, 320], "token id 320 outside the vocabulary [0, 320)"),
+        ([-1], "token id -1"),
+    ],
 )
 def test_bad_prompts_raise(golden_model, prompt, message):
     with pytest.raises(ValueError) as error:

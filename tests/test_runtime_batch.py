@@ -16,7 +16,13 @@ def prompts(golden):
         {},
         {"repetition_penalty": 1.3},
         {"temperature": 0.9, "top_p": 0.9, "min_p": 0.02, "seed": 3},
-        {"temperature": 1.2, "top_k": 40, "repetition_penalty": 1.1, "seed": 8, "stop_ids": [263, 105]},
+        {
+            "temperature": 1.2,
+            "top_k": 40,
+            "repetition_penalty": 1.1,
+            "seed": 8,
+            "stop_ids": [263, 105],
+        },
     ],
 )
 def test_batch_equals_one_by_one(golden_model, prompts, params):

@@ -12,14 +12,26 @@ from optiq_dhara.runtime.bench import random_model, run_bench, uncached_diffusio
 def test_uncached_reference_is_the_golden_semantics(golden_model, golden, golden_settings):
     settings = golden_settings["diffusion_p1_bl8"]
     out = uncached_diffusion(
-        golden_model, golden["prompt_p1"].tolist(), max_tokens=32, block_len=8, threshold=settings["threshold"]
+        golden_model,
+        golden["prompt_p1"].tolist(),
+        max_tokens=32,
+        block_len=8,
+        threshold=settings["threshold"],
     )
     assert out == golden["diffusion_p1_bl8"].tolist()
 
 
 def test_run_bench_on_a_small_random_model():
-    model = random_model(mx.float32, hidden_size=32, num_hidden_layers=1, intermediate_size=64,
-                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64, mask_token_id=63)
+    model = random_model(
+        mx.float32,
+        hidden_size=32,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        mask_token_id=63,
+    )
     rows, ref = run_bench(model, "small", prompt_lengths=(5, 20), max_tokens=6, block_len=4, k=3)
     assert [(r.mode, r.prompt_tokens) for r in rows] == [
         (m, n) for n in (5, 20) for m in ("ar", "diffusion", "spec")
@@ -34,8 +46,23 @@ def test_bench_command(golden_dir, tmp_path):
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(
         app,
-        ["bench", "--model", str(golden_dir), "--prompt-len", "8", "--max-tokens", "4",
-         "--block-len", "4", "--mode", "ar", "--mode", "spec", "--json", str(out)],
+        [
+            "bench",
+            "--model",
+            str(golden_dir),
+            "--prompt-len",
+            "8",
+            "--max-tokens",
+            "4",
+            "--block-len",
+            "4",
+            "--mode",
+            "ar",
+            "--mode",
+            "spec",
+            "--json",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "| golden_tiny | spec | 8 | 4 |" in result.output

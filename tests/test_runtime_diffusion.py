@@ -1,4 +1,4 @@
-"""Cached block diffusion equals the plain, uncached semantics of SPEC.md for every prompt length."""
+"""Cached block diffusion equals the plain, uncached semantics of SPEC.md at any prompt length."""
 
 import mlx.core as mx
 from hypothesis import given, settings
@@ -11,7 +11,7 @@ from optiq_dhara.runtime.sampling import Sampling
 
 
 def reference_diffusion(model, prompt, max_tokens, block_len, threshold, sampling=None):
-    """Append a block of MASKs; re-run the whole sequence under the block mask until no MASK is left.
+    """Append a block of MASKs; run the whole sequence under the block mask until none is left.
 
     Greedy: commit every masked position whose top probability (float32, MASK
     excluded) is >= threshold, and at least the most confident one. With
@@ -71,7 +71,14 @@ def test_cached_diffusion_equals_uncached_reference(
 
 def test_threshold_one_commits_one_token_per_step(golden_model, golden):
     steps = list(
-        decode(golden_model, golden["prompt_p1"].tolist(), mode="diffusion", max_tokens=10, block_len=4, threshold=1.0)
+        decode(
+            golden_model,
+            golden["prompt_p1"].tolist(),
+            mode="diffusion",
+            max_tokens=10,
+            block_len=4,
+            threshold=1.0,
+        )
     )
     assert steps[-1].stats.forwards == 10
     assert sum(len(step.tokens) for step in steps) == 10
@@ -79,13 +86,20 @@ def test_threshold_one_commits_one_token_per_step(golden_model, golden):
 
 def test_threshold_zero_commits_a_block_per_step(golden_model, golden):
     steps = list(
-        decode(golden_model, golden["prompt_p1"].tolist(), mode="diffusion", max_tokens=12, block_len=4, threshold=0.0)
+        decode(
+            golden_model,
+            golden["prompt_p1"].tolist(),
+            mode="diffusion",
+            max_tokens=12,
+            block_len=4,
+            threshold=0.0,
+        )
     )
     assert [len(step.tokens) for step in steps] == [4, 4, 4]
 
 
 def test_tokens_stream_in_order_as_soon_as_final(golden_model, golden):
-    """Each step emits the newly final run at the front of the block; together they are the output."""
+    """Each step emits the newly final run at the front of the block; together, the output."""
     prompt = golden["prompt_p2"].tolist()
     steps = list(decode(golden_model, prompt, mode="diffusion", max_tokens=32, block_len=8))
     assert [t for step in steps for t in step.tokens] == golden["diffusion_p2_bl8"].tolist()

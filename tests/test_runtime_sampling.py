@@ -91,7 +91,10 @@ def test_spec_sampling_equals_ar_sampling(golden_model, golden, params):
 
 def test_seeded_runs_repeat_and_seeds_differ(golden_model, golden):
     prompt = golden["prompt_p1"].tolist()
-    runs = [generate_ids(golden_model, prompt, max_tokens=16, temperature=1.0, seed=s) for s in (1, 1, 2)]
+    runs = [
+        generate_ids(golden_model, prompt, max_tokens=16, temperature=1.0, seed=s)
+        for s in (1, 1, 2)
+    ]
     assert runs[0] == runs[1] != runs[2]
 
 

@@ -28,6 +28,13 @@ def test_chatml_prompt(tokenizer):
     assert ids[0] == tokenizer.get_vocab()["<|im_start|>"]  # special tokens are single ids
 
 
+def test_a_tokenizer_without_template_gets_chatml(golden_dir):
+    bare = load_tokenizer(golden_dir)
+    bare._tokenizer.chat_template = None
+    ids = encode_prompt(bare, "hi", chat=True)
+    assert bare.decode(ids) == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
 def test_chatml_with_system_history_and_tools(tokenizer):
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -35,7 +42,9 @@ def test_chatml_with_system_history_and_tools(tokenizer):
         {
             "role": "assistant",
             "content": "",
-            "tool_calls": [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}],
+            "tool_calls": [
+                {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+            ],
         },
         {"role": "tool", "content": "rain"},
     ]
@@ -60,8 +69,18 @@ def test_plain_prompt_needs_no_template(tokenizer):
 
 @pytest.mark.parametrize("mode, extra", MODES)
 def test_streamed_text_is_the_decoded_tokens(golden_model, tokenizer, mode, extra):
-    chunks = list(stream_text(golden_model, tokenizer, "hi there", chat=True, mode=mode, max_tokens=24, **extra))
-    ids = generate_ids(golden_model, encode_prompt(tokenizer, "hi there", chat=True), mode=mode, max_tokens=24, **extra)
+    chunks = list(
+        stream_text(
+            golden_model, tokenizer, "hi there", chat=True, mode=mode, max_tokens=24, **extra
+        )
+    )
+    ids = generate_ids(
+        golden_model,
+        encode_prompt(tokenizer, "hi there", chat=True),
+        mode=mode,
+        max_tokens=24,
+        **extra,
+    )
     assert full_text(chunks) == tokenizer.decode(ids)
     assert [t for c in chunks for t in c.tokens] == ids
     assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
@@ -73,7 +92,9 @@ def test_stop_strings_are_never_emitted(golden_model, tokenizer, mode, extra, st
     kwargs = dict(chat=True, mode=mode, max_tokens=24, **extra)
     full = full_text(stream_text(golden_model, tokenizer, "hi there", **kwargs))
     stop = full[start : start + size]
-    chunks = list(stream_text(golden_model, tokenizer, "hi there", stop=["never-there", stop], **kwargs))
+    chunks = list(
+        stream_text(golden_model, tokenizer, "hi there", stop=["never-there", stop], **kwargs)
+    )
     assert full_text(chunks) == full[: full.index(stop)]
     assert chunks[-1].finish_reason == chunks[-1].stats.finish_reason == "stop"
     so_far = ""
@@ -86,7 +107,11 @@ def test_stop_token_text_is_not_emitted(golden_model, tokenizer):
     prompt = encode_prompt(tokenizer, "hi there", chat=True)
     ids = generate_ids(golden_model, prompt, max_tokens=24)
     stop_id = ids[5]
-    chunks = list(stream_text(golden_model, tokenizer, "hi there", chat=True, max_tokens=24, stop_ids=[stop_id]))
+    chunks = list(
+        stream_text(
+            golden_model, tokenizer, "hi there", chat=True, max_tokens=24, stop_ids=[stop_id]
+        )
+    )
     first = ids.index(stop_id)
     assert full_text(chunks) == tokenizer.decode(ids[:first])
     assert chunks[-1].finish_reason == "stop"
@@ -120,7 +145,9 @@ class MaskLover:
 
 @pytest.mark.parametrize("mode, extra", MODES)
 def test_mask_never_reaches_the_text(golden_model, tokenizer, mode, extra):
-    chunks = stream_text(MaskLover(golden_model), tokenizer, "hi", chat=True, mode=mode, max_tokens=16, **extra)
+    chunks = stream_text(
+        MaskLover(golden_model), tokenizer, "hi", chat=True, mode=mode, max_tokens=16, **extra
+    )
     assert "<|mask|>" not in full_text(chunks)
 
 
@@ -129,17 +156,23 @@ def test_mask_never_reaches_the_text(golden_model, tokenizer, mode, extra):
     [
         ("Just text.", "Just text.", []),
         (
-            'Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>',
+            'Let me check.\n<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}'
+            "\n</tool_call>",
             "Let me check.",
             [{"name": "weather", "arguments": {"city": "Oslo"}}],
         ),
         (
-            '<tool_call>{"name": "a", "arguments": {}}</tool_call><tool_call>{"name": "b"}</tool_call>',
+            '<tool_call>{"name": "a", "arguments": {}}</tool_call>'
+            '<tool_call>{"name": "b"}</tool_call>',
             "",
             [{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}],
         ),
         ("<tool_call>not json</tool_call>", "<tool_call>not json</tool_call>", []),
-        ('<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"arguments": {}}</tool_call>', []),
+        (
+            '<tool_call>{"arguments": {}}</tool_call>',
+            '<tool_call>{"arguments": {}}</tool_call>',
+            [],
+        ),
         ('<tool_call>{"name": "a"', '<tool_call>{"name": "a"', []),
     ],
 )

@@ -6,8 +6,6 @@ without a prefix cache, in this thread: the server must add nothing and lose not
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -16,18 +14,17 @@ import httpx
 import mlx_lm
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import optiq_dhara.serve.engine as engine_module
 from optiq_dhara.runtime import Stats, TextChunk, stream_text
 from optiq_dhara.runtime.text import encode_prompt
-from optiq_dhara.serve.app import ServerConfig, create_app
+from optiq_dhara.serve.app import ServerConfig, background_server, create_app
 from optiq_dhara.serve.engine import Engine
 
 KEY = "test-key"
-CONTEXT = 512
+CONTEXT = 1024
 DEFAULT_MAX_TOKENS = 12
 MODES = ["ar", "diffusion", "spec"]
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -37,30 +34,15 @@ HELLO = [{"role": "user", "content": "Hello"}]
 def serving(load, **config):
     """An Engine and a uvicorn server on a free 127.0.0.1 port, in background threads."""
     engine = Engine(load).start()
-    server_config = ServerConfig(
+    config = ServerConfig(
         "golden_tiny", api_key=KEY, max_tokens=DEFAULT_MAX_TOKENS, max_context=CONTEXT, **config
     )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, server_config), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.02)
     try:
-        yield SimpleNamespace(
-            url=url,
-            engine=engine,
-            client=openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60),
-        )
+        with background_server(create_app(engine, config)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=60)
+            yield SimpleNamespace(url=url, engine=engine, client=client)
     finally:
-        server.should_exit = True
-        thread.join(10)
         engine.close()
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +62,14 @@ def alone(tiny, prompt, *, chat, mode="spec", max_tokens=DEFAULT_MAX_TOKENS, too
     model, tokenizer = tiny
     chunks = list(
         stream_text(
-            model, tokenizer, prompt, chat=chat, tools=tools, mode=mode, max_tokens=max_tokens, **options
+            model,
+            tokenizer,
+            prompt,
+            chat=chat,
+            tools=tools,
+            mode=mode,
+            max_tokens=max_tokens,
+            **options,
         )
     )
     return "".join(c.text for c in chunks), chunks[-1].finish_reason, chunks[-1].stats
@@ -145,7 +134,9 @@ def test_completion_is_the_runtime_answer(server, tiny, mode, stream):
     request = dict(model="golden_tiny", prompt="Once upon a time", max_tokens=10)
     expected = alone(tiny, "Once upon a time", chat=False, mode=mode, max_tokens=10)
     if stream:
-        chunks = list(server.client.completions.create(stream=True, extra_body={"mode": mode}, **request))
+        chunks = list(
+            server.client.completions.create(stream=True, extra_body={"mode": mode}, **request)
+        )
         text = "".join(c.choices[0].text for c in chunks)
         finish = chunks[-1].choices[0].finish_reason
     else:
@@ -175,7 +166,9 @@ def test_stop_strings_end_the_text_before_them(server, tiny):
     )
     text = reply.choices[0].text
     expected = alone(tiny, "Once upon a time", chat=False, max_tokens=16, stop=(stop, "never-seen"))
-    assert (text, reply.choices[0].finish_reason) == expected[:2] == (full[: full.find(stop)], "stop")
+    assert (
+        (text, reply.choices[0].finish_reason) == expected[:2] == (full[: full.find(stop)], "stop")
+    )
     streamed, finish, _, _ = stream_chat(server.client, messages=HELLO, stop=stop)
     assert (streamed, finish) == alone(tiny, HELLO, chat=True, stop=(stop,))[:2]
 
@@ -249,6 +242,31 @@ def test_tools_go_into_the_chat_template(server, tiny):
     assert reply.choices[0].message.content == expected[0]
 
 
+def test_tool_results_go_back_into_the_template(server, tiny):
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    messages = HELLO + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"},
+    ]
+    reply = server.client.chat.completions.create(
+        model="golden_tiny", messages=messages, tools=[WEATHER], max_tokens=4
+    )
+    rendered = [
+        HELLO[0],
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "content": "sunny, 21 C"},
+    ]
+    prompt = encode_prompt(tiny[1], rendered, chat=True, tools=[WEATHER])
+    assert reply.usage.prompt_tokens == len(prompt)
+    text = tiny[1].decode(prompt)
+    assert "<tool_response>\nsunny, 21 C\n</tool_response>" in text
+    assert '"name": "get_weather", "arguments": {"city": "Paris"}' in text
+
+
 @pytest.fixture
 def scripted_server(golden_dir, monkeypatch):
     """A server whose runtime text is scripted (a model stub, for tool-call routing only).
@@ -257,7 +275,11 @@ def scripted_server(golden_dir, monkeypatch):
     in the engine and records what the server handed it.
     """
     seen = {}
-    pieces = ["Let me check. <tool", '_call>\n{"name": "get_weather", ', '"arguments": {"city": "Paris"}}\n</tool_call>']
+    pieces = [
+        "Let me check. <tool",
+        '_call>\n{"name": "get_weather", ',
+        '"arguments": {"city": "Paris"}}\n</tool_call>',
+    ]
 
     def fake_stream_text(model, tokenizer, prompt, *, tools=None, chat, **options):
         seen.update(prompt=prompt, tools=tools, chat=chat, **options)
@@ -307,7 +329,13 @@ def load_mix():
     for i in range(32):
         sampling = {"temperature": 0.8, "seed": i} if i % 4 == 3 else {}
         requests.append(
-            dict(mode=MODES[i % 3], chat=i % 2 == 0, prompt=prompts[i % 4], max_tokens=6 + i % 5, **sampling)
+            dict(
+                mode=MODES[i % 3],
+                chat=i % 2 == 0,
+                prompt=prompts[i % 4],
+                max_tokens=6 + i % 5,
+                **sampling,
+            )
         )
     return requests
 
@@ -318,7 +346,9 @@ async def streamed(client, request):
     extra = {"extra_body": {"mode": request["mode"]}}
     if request["chat"]:
         messages = [{"role": "user", "content": request["prompt"]}]
-        stream = await client.chat.completions.create(messages=messages, **common, **options, **extra)
+        stream = await client.chat.completions.create(
+            messages=messages, **common, **options, **extra
+        )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     stream = await client.completions.create(prompt=request["prompt"], **common, **options, **extra)
     return "".join([c.choices[0].text async for c in stream])
@@ -331,11 +361,15 @@ def test_32_concurrent_streams_each_get_their_lone_answer(server, tiny):
         options = {k: r[k] for k in ("temperature", "seed") if k in r}
         prompt = [{"role": "user", "content": r["prompt"]}] if r["chat"] else r["prompt"]
         expected.append(
-            alone(tiny, prompt, chat=r["chat"], mode=r["mode"], max_tokens=r["max_tokens"], **options)[0]
+            alone(
+                tiny, prompt, chat=r["chat"], mode=r["mode"], max_tokens=r["max_tokens"], **options
+            )[0]
         )
 
     async def all_at_once():
-        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        client = openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60
+        )
         async with client:
             return await asyncio.wait_for(
                 asyncio.gather(*(streamed(client, r) for r in requests)), timeout=120
@@ -346,7 +380,13 @@ def test_32_concurrent_streams_each_get_their_lone_answer(server, tiny):
 
 def test_a_client_leaving_mid_stream_disturbs_no_one(server, tiny):
     before = dict(server.engine.counts)
-    long_request = {"model": "golden_tiny", "prompt": "Hello", "max_tokens": 400, "stream": True, "mode": "diffusion"}
+    long_request = {
+        "model": "golden_tiny",
+        "prompt": "Hello",
+        "max_tokens": 400,
+        "stream": True,
+        "mode": "diffusion",
+    }
     headers = {"Authorization": f"Bearer {KEY}"}
 
     async def leave_early_while_others_run():
@@ -364,7 +404,12 @@ def test_a_client_leaving_mid_stream_disturbs_no_one(server, tiny):
     for text, r in zip(texts, load_mix()[:4]):
         options = {k: r[k] for k in ("temperature", "seed") if k in r}
         prompt = [{"role": "user", "content": r["prompt"]}] if r["chat"] else r["prompt"]
-        assert text == alone(tiny, prompt, chat=r["chat"], mode=r["mode"], max_tokens=r["max_tokens"], **options)[0]
+        assert (
+            text
+            == alone(
+                tiny, prompt, chat=r["chat"], mode=r["mode"], max_tokens=r["max_tokens"], **options
+            )[0]
+        )
     counts = server.engine.counts
     wait_until(lambda: counts["completed"] == before["completed"] + 4)
     assert counts["cancelled"] == before["cancelled"] + 1  # the worker stopped the abandoned job
@@ -390,15 +435,58 @@ def post(server, path, body, key=KEY):
     [
         ("/v1/chat/completions", b'{"messages": [', 400, None, "invalid_json"),
         ("/v1/completions", b"\xff\xfe", 400, None, "invalid_json"),
-        ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', 400, "temperature", "invalid_value"),
+        (
+            "/v1/completions",
+            b'{"prompt": "x", "temperature": NaN}',
+            400,
+            "temperature",
+            "invalid_value",
+        ),
         ("/v1/completions", [1, 2], 400, None, "invalid_value"),
-        ("/v1/chat/completions", {"messages": HELLO, "mode": "turbo"}, 400, "mode", "invalid_value"),
-        ("/v1/chat/completions", {"messages": HELLO, "max_tokens": -5}, 400, "max_tokens", "invalid_value"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": -1, "stream": True}, 400, "max_tokens", "invalid_value"),
+        (
+            "/v1/chat/completions",
+            {"messages": HELLO, "mode": "turbo"},
+            400,
+            "mode",
+            "invalid_value",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": HELLO, "max_tokens": -5},
+            400,
+            "max_tokens",
+            "invalid_value",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "x", "max_tokens": -1, "stream": True},
+            400,
+            "max_tokens",
+            "invalid_value",
+        ),
         ("/v1/chat/completions", {"messages": []}, 400, "messages", "invalid_value"),
-        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
-        ("/v1/completions", {"prompt": "word " * 600}, 400, "messages", "context_length_exceeded"),
-        ("/v1/completions", {"prompt": "x", "max_tokens": CONTEXT}, 400, "max_tokens", "context_length_exceeded"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "messages.0.role",
+            "invalid_value",
+        ),
+        ("/v1/completions", {"prompt": "word " * 1200}, 400, "prompt", "context_length_exceeded"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "word " * 1200}]},
+            400,
+            "messages",
+            "context_length_exceeded",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "x", "max_tokens": CONTEXT},
+            400,
+            "max_tokens",
+            "context_length_exceeded",
+        ),
         ("/v1/completions", {"prompt": "", "stream": True}, 400, None, None),
         ("/v1/completions", {"prompt": "x", "n": 3}, 400, "n", "invalid_value"),
     ],
@@ -436,7 +524,8 @@ def test_the_openai_client_raises_its_bad_request_error(server):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
 messages = st.lists(
@@ -483,7 +572,9 @@ def bodies(draw):
     return body
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(body=bodies(), path=st.sampled_from(["/v1/chat/completions", "/v1/completions"]))
 def test_fuzzed_bodies_never_get_a_5xx(server, body, path):
     response = post(server, path, body)

@@ -38,7 +38,9 @@ def test_parse_tool_calls_leaves_what_is_not_a_call_in_the_content(text):
 
 
 def test_openai_tool_calls_serialize_arguments_as_json_text():
-    calls = openai_tool_calls([{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": "{}"}])
+    calls = openai_tool_calls(
+        [{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": "{}"}]
+    )
     assert [c["function"] for c in calls] == [
         {"name": "f", "arguments": '{"x": 1}'},
         {"name": "g", "arguments": "{}"},
@@ -103,7 +105,10 @@ def test_chat_messages_become_template_dicts():
     request = ChatCompletionRequest(
         messages=[
             {"role": "developer", "content": "be brief"},
-            {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            },
             {
                 "role": "assistant",
                 "content": None,
@@ -142,7 +147,9 @@ def test_response_shapes():
     assert text.chunk("hi")["choices"][0]["text"] == "hi"
     assert text.chunk("hi")["object"] == "text_completion"
     counts = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
-    whole = chat.whole("", "tool_calls", counts, openai_tool_calls([{"name": "f", "arguments": {}}]))
+    whole = chat.whole(
+        "", "tool_calls", counts, openai_tool_calls([{"name": "f", "arguments": {}}])
+    )
     message = whole["choices"][0]["message"]
     assert message["content"] is None and "index" not in message["tool_calls"][0]
     assert whole["usage"] == counts and whole["id"].startswith("chatcmpl-")

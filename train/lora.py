@@ -135,8 +135,11 @@ def run_lora(
     adapter_path: Path,
     config: LoraConfig,
     report: Callable[[dict], None] = print,
-) -> list[dict]:
-    """``dhara-mlx lora``: load, add LoRA, train on ``data_dir``, save the adapters."""
+) -> tuple[nn.Module, list[dict]]:
+    """``dhara-mlx lora``: load, add LoRA, train on ``data_dir``, save the adapters.
+
+    Returns the trained model (with its LoRA layers) and every report.
+    """
     config.validate()
     model, tokenizer = load(str(model_path))
     splits = load_jsonl_splits(Path(data_dir), tokenizer, config.mask_prompt)
@@ -162,10 +165,11 @@ def run_lora(
         steps_per_eval=config.steps_per_eval,
         seed=config.seed,
     )
-    return train(
+    history = train(
         model, batches, train_config, report, evaluate,
         save=lambda step: save_adapters(model, adapter_path, settings),
     )
+    return model, history
 
 
 def fuse(model_path: Path, adapter_path: Path, out_dir: Path, dequantize: bool = False) -> None:

@@ -24,7 +24,7 @@ class TrainConfig:
     iters: int = 1000
     learning_rate: float = 1e-4
     warmup: int = 0
-    cosine: bool = False  # decay to 10% of the rate over the run
+    cosine: bool = False
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     diffusion_weight: float = DIFFUSION_WEIGHT
@@ -35,12 +35,17 @@ class TrainConfig:
 
 
 def make_optimizer(config: TrainConfig) -> optim.Optimizer:
-    rate = config.learning_rate
-    if config.cosine:
-        rate = optim.cosine_decay(rate, max(config.iters - config.warmup, 1), rate * 0.1)
+    """AdamW, with linear warmup and an optional cosine decay to 10% of the rate."""
+    peak = config.learning_rate
+    steady = (
+        optim.cosine_decay(peak, max(config.iters - config.warmup, 1), peak * 0.1)
+        if config.cosine
+        else (lambda _: peak)
+    )
+    rate = steady if config.cosine else peak
     if config.warmup:
-        warmup = optim.linear_schedule(0.0, config.learning_rate, config.warmup)
-        rate = optim.join_schedules([warmup, rate], [config.warmup])
+        warmup = optim.linear_schedule(0.0, peak, config.warmup)
+        rate = optim.join_schedules([warmup, steady], [config.warmup])
     return optim.AdamW(learning_rate=rate, weight_decay=config.weight_decay)
 
 
