@@ -1,9 +1,9 @@
 """What the HTTP server costs and what its prefix cache saves.
 
-For each mode, the same requests are run three ways, alternating so that noise
-from other work on the machine hits them alike: by the runtime directly in this
-process, through the server one at a time, and through the server all at once
-(streamed). The server is the installed ``dhara-mlx serve`` in its own process,
+For each mode, each request is run by the runtime directly in this process and
+then through the server alone, alternating request by request so that noise from
+other work on the machine hits both alike; then all of them are streamed to the
+server at once. The server is the installed ``dhara-mlx serve`` in its own process,
 as it is deployed. Then a multi-turn chat with a long system message is replayed
 against a server with and without its prefix cache. Ratios are the numbers to
 read; with a tiny model they show the server's own overhead.
@@ -61,23 +61,19 @@ def server_process(model: str, max_tokens: int, *flags: str):
         process.wait()
 
 
-def direct(tiny, texts: list[str], mode: str, max_tokens: int) -> tuple[float, int]:
-    """(seconds, tokens) of the requests run by the runtime, one after another."""
-    start, tokens = time.perf_counter(), 0
-    for text in texts:
-        chunks = list(stream_text(*tiny, text, chat=False, mode=mode, max_tokens=max_tokens))
-        tokens += chunks[-1].stats.generated
-    return time.perf_counter() - start, tokens
+def direct(tiny, text: str, mode: str, max_tokens: int) -> float:
+    """Seconds of one request run by the runtime in this process."""
+    start = time.perf_counter()
+    list(stream_text(*tiny, text, chat=False, mode=mode, max_tokens=max_tokens))
+    return time.perf_counter() - start
 
 
-def sequential(url: str, texts: list[str], mode: str, max_tokens: int) -> tuple[float, int]:
-    """(seconds, tokens) of the requests sent to the server one after another."""
-    start, tokens = time.perf_counter(), 0
-    with httpx.Client(base_url=url, timeout=600) as http:
-        for text in texts:
-            body = {"prompt": text, "mode": mode, "max_tokens": max_tokens}
-            tokens += http.post("/v1/completions", json=body).json()["usage"]["completion_tokens"]
-    return time.perf_counter() - start, tokens
+def sequential(http: httpx.Client, text: str, mode: str, max_tokens: int) -> float:
+    """Seconds of one request sent to the server alone."""
+    start = time.perf_counter()
+    body = {"prompt": text, "mode": mode, "max_tokens": max_tokens}
+    http.post("/v1/completions", json=body).raise_for_status()
+    return time.perf_counter() - start
 
 
 async def _one_stream(client, text: str, mode: str, max_tokens: int, t0: float):
@@ -122,48 +118,51 @@ def chat_replay(url: str, system: str, turns: int, max_tokens: int) -> tuple[flo
 
 def main(
     model: str = typer.Option("tests/fixtures/golden_tiny", help="model directory"),
-    requests: int = typer.Option(32, help="requests per mode"),
+    requests: int = typer.Option(16, help="requests per mode"),
     max_tokens: int = typer.Option(32, help="tokens per request"),
     rounds: int = typer.Option(3, help="alternating rounds"),
     turns: int = typer.Option(8, help="turns of the chat replay"),
 ):
     tiny = mlx_lm.load(model)
     texts = prompts(requests)
-    rows = {mode: {"direct": [], "sequential": [], "concurrent": []} for mode in MODES}
-    first_times, tokens = {}, {}
-    with server_process(model, max_tokens) as url:
+    alone = {mode: [] for mode in MODES}  # (direct, server) seconds of each request
+    together = {mode: [] for mode in MODES}  # all-at-once wall / sum of direct, per round
+    first = {mode: [] for mode in MODES}
+    with server_process(model, max_tokens) as url, httpx.Client(base_url=url, timeout=600) as http:
         for mode in MODES:  # warm-up
-            direct(tiny, texts[:2], mode, max_tokens)
-            sequential(url, texts[:2], mode, max_tokens)
+            direct(tiny, texts[0], mode, max_tokens)
+            sequential(http, texts[0], mode, max_tokens)
         for _ in range(rounds):
             for mode in MODES:
-                seconds, tokens[mode] = direct(tiny, texts, mode, max_tokens)
-                rows[mode]["direct"].append(seconds)
-                rows[mode]["sequential"].append(sequential(url, texts, mode, max_tokens)[0])
-                wall, first, _ = concurrent(url, texts, mode, max_tokens)
-                rows[mode]["concurrent"].append(wall)
-                first_times.setdefault(mode, []).extend(first)
+                pairs = [
+                    (direct(tiny, t, mode, max_tokens), sequential(http, t, mode, max_tokens))
+                    for t in texts
+                ]
+                alone[mode] += pairs
+                wall, first_times, _ = concurrent(url, texts, mode, max_tokens)
+                together[mode].append(wall / sum(d for d, _ in pairs))
+                first[mode] += first_times
 
     system = "You are a careful assistant who answers briefly. " * 30
     replay = {}
     for cached in (True, False):
-        with server_process(
-            model, max_tokens, "--prefix-cache" if cached else "--no-prefix-cache"
-        ) as url:
+        flag = "--prefix-cache" if cached else "--no-prefix-cache"
+        with server_process(model, max_tokens, flag) as url:
             chat_replay(url, system, 2, max_tokens)  # warm-up
             replay[cached] = min(chat_replay(url, system, turns, max_tokens) for _ in range(rounds))
 
-    typer.echo(f"model {model}; {requests} requests x {max_tokens} tokens; median of {rounds}")
+    typer.echo(f"model {model}; {requests} requests x {max_tokens} tokens x {rounds} rounds")
     typer.echo(
-        f"{'mode':10}{'tokens':>8}{'direct tok/s':>14}{'server seq':>12}{'server all':>12}"
-        f"{'seq/direct':>12}{'all/direct':>12}{'p50 first ms':>14}"
+        f"{'mode':10}{'direct ms':>11}{'server ms':>11}{'server/direct':>15}"
+        f"{'all at once/direct':>20}{'p50 first ms (all at once)':>28}"
     )
     for mode in MODES:
-        d, s, c = (statistics.median(rows[mode][k]) for k in ("direct", "sequential", "concurrent"))
-        p50 = 1e3 * statistics.median(first_times[mode])
+        d = statistics.median(p[0] for p in alone[mode])
+        s = statistics.median(p[1] for p in alone[mode])
+        ratio = statistics.median(p[1] / p[0] for p in alone[mode])
         typer.echo(
-            f"{mode:10}{tokens[mode]:8}{tokens[mode] / d:14.0f}{tokens[mode] / s:12.0f}"
-            f"{tokens[mode] / c:12.0f}{s / d:12.2f}{c / d:12.2f}{p50:14.0f}"
+            f"{mode:10}{1e3 * d:11.1f}{1e3 * s:11.1f}{ratio:15.2f}"
+            f"{statistics.median(together[mode]):20.2f}{1e3 * statistics.median(first[mode]):28.0f}"
         )
     (with_cache, cached_tokens), (without, _) = replay[True], replay[False]
     typer.echo(

@@ -118,3 +118,10 @@ def test_yarn_checkpoint_loads_and_matches_reference(tmp_path, transformers_yarn
     plain = reference_logits(config, weights, ids, inv_freq=inv_freq)
     if not qk_norm:
         assert np.abs(plain - expected).max() > 1e-2
+
+
+def test_yarn_without_factor_takes_the_length_ratio():
+    scaling = {"rope_type": "yarn", "original_max_position_embeddings": 4096}
+    freq, attention = rope_parameters(64, 10_000.0, scaling, max_position_embeddings=16384)
+    expected, expected_attention = rope_parameters(64, 10_000.0, {**scaling, "factor": 4.0})
+    assert np.array_equal(np.array(freq), np.array(expected)) and attention == expected_attention
