@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import typer
+from mlx.utils import tree_flatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -126,17 +127,25 @@ def main(
         for name, model in models.items():
             fill[name].append(prefill_seconds(model, prefill))
     peaks = {name: peak_bytes(model, prefill, 4) for name, model in models.items()}
-    weights = {name: sum(v.nbytes for _, v in nn.utils.tree_flatten(m.parameters())) for name, m in models.items()}
+    weights = {
+        name: sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+        for name, model in models.items()
+    }
 
     typer.echo(f"shape {shape}: {SHAPES[shape]}, float32, {mx.default_device()}")
-    typer.echo(f"{'model':8}{'decode ms/token':>18}{'prefill tok/s':>16}{'peak MB':>10}{'weights MB':>12}")
+    header = ("decode ms/token", 18), ("prefill tok/s", 16), ("peak MB", 10), ("weights MB", 12)
+    typer.echo(f"{'model':8}" + "".join(f"{title:>{width}}" for title, width in header))
     for name in models:
         ms = 1e3 * statistics.median(decode[name])
         tps = prefill / statistics.median(fill[name])
-        typer.echo(f"{name:8}{ms:18.2f}{tps:16.0f}{peaks[name] / 1e6:10.0f}{weights[name] / 1e6:12.0f}")
+        peak, size = peaks[name] / 1e6, weights[name] / 1e6
+        typer.echo(f"{name:8}{ms:18.2f}{tps:16.0f}{peak:10.0f}{size:12.0f}")
     paired = [d / l for d, l in zip(decode["dhara"], decode["llama"])]
     ratio = statistics.median(decode["dhara"]) / statistics.median(decode["llama"])
-    typer.echo(f"decode time dhara/llama: {ratio:.3f} (median of paired steps {statistics.median(paired):.3f})")
+    typer.echo(
+        f"decode time dhara/llama: {ratio:.3f} "
+        f"(median of paired steps {statistics.median(paired):.3f})"
+    )
     fill_ratio = statistics.median(fill["dhara"]) / statistics.median(fill["llama"])
     typer.echo(f"prefill time dhara/llama: {fill_ratio:.3f}")
     canon, kv = cache_bytes_per_token(models["dhara"].args, 4)

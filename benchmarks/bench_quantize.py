@@ -102,7 +102,9 @@ def score(model: nn.Module, reference: nn.Module, held_out: mx.array, parameters
 def main(
     model: str = typer.Option("random-250m", help="random-250m, trained, or a checkpoint directory."),
     target_bpw: float = typer.Option(5.0),
+    candidate_bits: str = typer.Option("4,8", help="The mix's candidate bits."),
     group_size: int = typer.Option(64),
+    dtype: str = typer.Option("bfloat16", help="Float dtype of every variant (and its scales)."),
     num_samples: int = typer.Option(4),
     seq_len: int = typer.Option(128),
     held_out_samples: int = typer.Option(4),
@@ -110,6 +112,7 @@ def main(
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
 ) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
+    bits = tuple(int(b) for b in candidate_bits.split(","))
     if model == "random-250m":
         src = random_250m(work / "src")
     elif model == "trained":
@@ -117,11 +120,13 @@ def main(
     else:
         src = Path(model)
     results: dict = {"model": model, "target_bpw": target_bpw, "group_size": group_size,
+                     "candidate_bits": bits, "dtype": dtype,
                      "num_samples": num_samples, "seq_len": seq_len, "date": time.strftime("%Y-%m-%d")}
 
     tick = time.perf_counter()
     report = convert(
-        str(src), work / "mix", target_bpw=target_bpw, group_size=group_size,
+        str(src), work / "mix", target_bpw=target_bpw, group_size=group_size, dtype=dtype,
+        candidate_bits=bits,
         num_samples=num_samples, seq_len=seq_len, held_out_samples=held_out_samples,
     )
     results["convert_seconds"] = time.perf_counter() - tick
@@ -130,37 +135,44 @@ def main(
     results["report_held_out"] = report["held_out"]
 
     float_model, tokenizer = load(str(src))
-    dtype = float_model.model.embed_tokens.weight.dtype
+    out_dtype = getattr(mx, dtype)
+    float_model = cast(float_model, out_dtype)
     params = parameter_count(float_model)
     data = load_calibration(tokenizer, None, num_samples, seq_len, held_out_samples)
     reference = as_float32(copy.deepcopy(float_model))
+
+    def fresh() -> nn.Module:
+        """A float model in the output dtype, to quantize."""
+        return cast(copy.deepcopy(reference), out_dtype)
+
     modules = quantizable_modules(float_model)
-    bits = (4, 8)
     budget = Budget.of(float_model, modules, bits, group_size)
     sens_file = work / "mix" / "sensitivities.json"
     auto = load_sensitivities(sens_file, modules, bits, group_size)
 
     def mix_at(target: float, sens) -> nn.Module:
-        plan = allocate(module_points(modules, sens.kl(), bits, group_size, budget.scale_bits),
-                        budget.for_modules(target)).bits
-        return quantize_to_plan(cast(copy.deepcopy(reference), dtype), plan, group_size)
+        points = module_points(modules, sens.kl(), bits, group_size, budget.scale_bits)
+        plan = allocate(points, budget.for_modules(target)).bits
+        return quantize_to_plan(fresh(), plan, group_size)
 
     variants: dict[str, dict] = {}
-    variants["mix (auto)"] = score(mix_at(target_bpw, auto), reference, data.held_out, params)
+    variants["mix"] = score(mix_at(target_bpw, auto), reference, data.held_out, params)
     variants["uniform 4-bit"] = score(
-        quantize_to_plan(cast(copy.deepcopy(reference), dtype), {m.path: 4 for m in modules}, group_size),
+        quantize_to_plan(fresh(), {m.path: 4 for m in modules}, group_size),
         reference, data.held_out, params,
     )
 
-    recipe = cast(copy.deepcopy(reference), dtype)
+    recipe = fresh()
     config = json.loads((src / "config.json").read_text())
     predicate = mixed_quant_predicate_builder("mixed_4_6", recipe, group_size)
     recipe, _ = quantize_model(recipe, config, group_size, 4, quant_predicate=predicate)
     variants["mlx-lm mixed_4_6"] = score(recipe, reference, data.held_out, params)
 
     tick = time.perf_counter()
-    dq_sens = dict(estimate_sensitivities(copy.deepcopy(reference), data.calibration, 4, group_size, 8, group_size))
-    dq = cast(copy.deepcopy(reference), dtype)
+    dq_sens = dict(
+        estimate_sensitivities(copy.deepcopy(reference), data.calibration, 4, group_size, 8, group_size)
+    )
+    dq = fresh()
     threshold = estimate_threshold(dq, dq_sens, target_bpw, 4, group_size, 8, group_size)
     high = lambda p, m: hasattr(m, "to_quantized") and (
         {"bits": 8, "group_size": group_size} if dq_sens[p] > threshold else True
@@ -172,12 +184,14 @@ def main(
     for name in ("mlx-lm mixed_4_6", "mlx-lm dynamic_quant (4/8)"):
         their = variants[name]["bpw"]
         if budget.bpw(budget.low) <= their <= budget.bpw(budget.high):
-            variants[f"mix (auto) at {name}'s bpw"] = score(mix_at(their, auto), reference, data.held_out, params)
+            variants[f"mix at {name}'s bpw"] = score(
+                mix_at(their, auto), reference, data.held_out, params
+            )
 
     if exact_baseline:
         tick = time.perf_counter()
         exact = measure_sensitivities(
-            copy.deepcopy(reference), data.calibration, modules, bits, group_size, dtype=dtype,
+            copy.deepcopy(reference), data.calibration, modules, bits, group_size, dtype=out_dtype,
             budget=budget.for_modules(target_bpw), scale_bits=budget.scale_bits, forward_fraction=1.0,
         )
         results["exact_baseline"] = {
@@ -185,7 +199,9 @@ def main(
             "forwards_per_sample": exact.forwards_per_sample,
             "measured_exactly": sum(s.measured for s in exact.modules.values()),
         }
-        variants["mix (every module measured)"] = score(mix_at(target_bpw, exact), reference, data.held_out, params)
+        variants["mix (every module measured)"] = score(
+            mix_at(target_bpw, exact), reference, data.held_out, params
+        )
     results["variants"] = variants
     print(table(results))
     if output is not None:
@@ -194,7 +210,8 @@ def main(
 
 def table(results: dict) -> str:
     lines = [
-        f"{results['model']}: target {results['target_bpw']} bpw, group size {results['group_size']}, "
+        f"{results['model']}: target {results['target_bpw']} bpw, candidates "
+        f"{'/'.join(map(str, results['candidate_bits']))}, group size {results['group_size']}, "
         f"{results['num_samples']} x {results['seq_len']} calibration tokens; convert "
         f"{results['convert_seconds']:.0f} s; sensitivities "
         f"{results['report']['sensitivity']['forwards_per_sample']:.1f} forwards/sample "

@@ -53,6 +53,14 @@ def bench(
         bool, typer.Option(help="Also time the uncached diffusion reference at the longest prompt.")
     ] = True,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and prompts.")] = 0,
+    prompt_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Cut the prompts from this text (with --model; tokenized by its tokenizer).",
+        ),
+    ] = None,
     json_path: Annotated[
         Optional[Path], typer.Option("--json", help="Also write the results to this JSON file.")
     ] = None,
@@ -63,12 +71,19 @@ def bench(
 
     from optiq_dhara.runtime import bench as runtime_bench
 
+    text_ids = None
     if model is None:
+        if prompt_file is not None:
+            raise typer.BadParameter(
+                "needs --model (whose tokenizer reads it)", param_hint="--prompt-file"
+            )
         loaded = runtime_bench.random_model(getattr(mx, dtype.value), seed)
         name = f"random dhara-250m {dtype.value}"
     else:
-        loaded, _ = load_model(model)
+        loaded, tokenizer = load_model(model)
         name = Path(model).name
+        if prompt_file is not None:
+            text_ids = tokenizer.encode(prompt_file.read_text())
     rows, ref = runtime_bench.run_bench(
         loaded,
         name,
@@ -80,6 +95,7 @@ def bench(
         k=k,
         reference=reference,
         seed=seed,
+        text_ids=text_ids,
         progress=lambda row: typer.echo(
             f"{row.mode:>9} prompt {row.prompt_tokens:>5}: {row.tokens_per_second:.2f} tok/s",
             err=True,

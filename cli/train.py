@@ -13,6 +13,11 @@ DiffusionWeight = Annotated[
     float, typer.Option(min=0.0, help="Weight of the block-diffusion term of the joint loss.")
 ]
 BlockLen = Annotated[int, typer.Option(min=1, help="Block length of the diffusion term.")]
+BlockContext = Annotated[
+    float,
+    typer.Option(min=0.0, max=1.0, help="Share of noisy blocks whose clean context is block-causal "
+                 "(as block diffusion decodes); the rest see it causal (as self-spec drafts)."),
+]
 Iters = Annotated[int, typer.Option(min=1, help="Training steps.")]
 StepsPerReport = Annotated[int, typer.Option(min=1, help="Steps between loss reports.")]
 StepsPerEval = Annotated[int, typer.Option(min=1, help="Steps between validations.")]
@@ -56,6 +61,7 @@ def lora(
     adapter_path: Annotated[Path, typer.Option(help="Where adapters.safetensors and adapter_config.json go.")] = Path("adapters"),
     diffusion_weight: DiffusionWeight = 0.3,
     block_len: BlockLen = 32,
+    block_context: BlockContext = 0.5,
     max_seq_length: Annotated[int, typer.Option(min=1, help="Longer records are truncated.")] = 2048,
     steps_per_report: StepsPerReport = 10,
     steps_per_eval: StepsPerEval = 200,
@@ -71,7 +77,7 @@ def lora(
         objective=objective.value, rank=rank, scale=scale, num_layers=num_layers, iters=iters,
         batch_size=batch_size, learning_rate=learning_rate, max_seq_length=max_seq_length,
         mask_prompt=mask_prompt, diffusion_weight=diffusion_weight, block_len=block_len,
-        steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,
+        block_context=block_context, steps_per_report=steps_per_report, steps_per_eval=steps_per_eval,
         val_batches=val_batches, spec_prompts=spec_prompts, seed=seed,
     )
     _library_errors(lambda: run_lora(model, data, adapter_path, config, _report))
@@ -111,6 +117,7 @@ def train_command(
     held_out: Annotated[float, typer.Option(min=0.0, max=0.5, help="Fraction of the corpus held out.")] = 0.05,
     diffusion_weight: DiffusionWeight = 0.3,
     block_len: BlockLen = 32,
+    block_context: BlockContext = 0.5,
     steps_per_report: StepsPerReport = 10,
     steps_per_eval: StepsPerEval = 200,
     seed: SeedOption = 0,
@@ -123,7 +130,7 @@ def train_command(
     settings = TrainConfig(
         iters=iters, learning_rate=learning_rate, warmup=warmup, cosine=True,
         weight_decay=weight_decay, diffusion_weight=diffusion_weight, block_len=block_len,
-        steps_per_report=steps_per_report, steps_per_eval=steps_per_eval, seed=seed,
+        block_context=block_context, steps_per_report=steps_per_report, steps_per_eval=steps_per_eval, seed=seed,
     )
     _library_errors(lambda: run(
         data, out, model=model, config=config, tokenizer=tokenizer, seq_len=seq_len,

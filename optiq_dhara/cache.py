@@ -58,24 +58,22 @@ class DharaCache(CacheList):
         if not hasattr(self.kv, "to_quantized"):
             return self
         quantized = DharaCache(self.kv.to_quantized(group_size=group_size, bits=bits), self.canon)
-        quantized._tail, quantized._tail_source, quantized._tail_size = (
-            self._tail,
-            self._tail_source,
-            self._tail_size,
-        )
+        quantized._tail, quantized._tail_source = self._tail, self._tail_source
+        quantized._tail_size = self._tail_size
         return quantized
 
     def extract(self, idx: int) -> "DharaCache":
         return DharaCache(self.kv.extract(idx), self.canon.extract(idx))
 
     def trim(self, n: int) -> int:
-        """Roll KV and canon state back by ``n`` tokens; rebuild the tail now.
+        """Roll KV and canon state back by ``n`` tokens; rebuild a current tail now.
 
         The tail is evaluated here, between forwards, so that the next forward
         reads no row of the store it writes to.
         """
+        current = self._tail_is_current()
         trimmed = super().trim(n)
-        if self._tail is not None:
+        if current:
             tail = self._history_from_store(mx.zeros_like(self._tail))
             mx.eval(tail)
             self._set_tail(tail)
@@ -86,15 +84,18 @@ class DharaCache(CacheList):
 
         Positions before the first token read as zeros.
         """
+        if self._tail_is_current() and self._tail.shape == zeros.shape:
+            return self._tail
+        return self._history_from_store(zeros)
+
+    def _tail_is_current(self) -> bool:
+        """The tail was taken from the store as it is (same array, same size)."""
         store = self.canon
-        if (
+        return (
             self._tail is not None
             and self._tail_source is store.keys
             and self._tail_size == store.size()
-            and self._tail.shape == zeros.shape
-        ):
-            return self._tail
-        return self._history_from_store(zeros)
+        )
 
     def _history_from_store(self, zeros: mx.array) -> mx.array:
         """Rows of the store, always in a new buffer (never a view of the store)."""
@@ -130,7 +131,8 @@ class DharaCache(CacheList):
         also evaluates the tail (which then stops holding ``inputs``).
         """
         length = history.shape[1]
-        tail = mx.concatenate([history, inputs[:, inputs.shape[1] - min(length, inputs.shape[1]) :]], axis=1)
+        last = inputs[:, max(inputs.shape[1] - length, 0) :]
+        tail = mx.concatenate([history, last], axis=1)
         tail = tail[:, tail.shape[1] - length :]
         rows = mx.depends(inputs, tail)[:, None]
         self.canon.update_and_fetch(rows, mx.zeros((*rows.shape[:3], 0), rows.dtype))

@@ -73,7 +73,9 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
         module, part = key.rsplit(".", 1)
         if part in QUANTIZATION_PARTS and f"{module}.weight" in expected:
             continue
-        problems.append(f"unexpected {key}: the config has no such tensor (config.json: {config_keys(key)})")
+        problems.append(
+            f"unexpected {key}: the config has no such tensor (config.json: {config_keys(key)})"
+        )
     if problems:
         listed = "\n  ".join(problems)
         raise ValueError(f"the dhara checkpoint does not match its config.json:\n  {listed}")

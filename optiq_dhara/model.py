@@ -145,10 +145,8 @@ class CanonStep:
             return x
         self.inputs.append(x)
         convs = [canon.conv for canon in canons]
-        weight = mx.concatenate([c.weight for c in convs]) if len(convs) > 1 else convs[0].weight
-        bias = None
-        if "bias" in convs[0]:
-            bias = mx.concatenate([c.bias for c in convs]) if len(convs) > 1 else convs[0].bias
+        weight = mx.concatenate([conv.weight for conv in convs])  # one conv: no copy
+        bias = mx.concatenate([conv.bias for conv in convs]) if "bias" in convs[0] else None
         first = canons[0]
         return canon_conv(
             x, self.history[site], weight, bias, self.valid, first.residual, first.activation
@@ -308,6 +306,7 @@ class DharaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.canon_width = sum(canon_widths(args).values())
         _, self.rope_factor = rope_parameters(
             args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings
         )
@@ -321,8 +320,7 @@ class DharaModel(nn.Module):
             mask = create_attention_mask(h, first)
         history_len = self.args.canon_kernel - 1
         valid = first.canon_valid(history_len, h.shape[1]) if first is not None else None
-        width = sum(canon_widths(self.args).values())
-        zeros = mx.zeros((h.shape[0], history_len, width), h.dtype)
+        zeros = mx.zeros((h.shape[0], history_len, self.canon_width), h.dtype)
         inv_freqs = mx.stack([layer.self_attn.rotary_emb.inv_freq for layer in self.layers])
         offset = first.offset if first is not None else 0
         cos, sin = rope_tables(inv_freqs, offset, h.shape[1], self.rope_factor)

@@ -68,8 +68,11 @@ def model_bytes(model) -> int:
     return sum(value.nbytes for _, value in tree_flatten(model.parameters()))
 
 
-def random_prompt(model, length: int, seed: int = 0) -> list[int]:
-    """``length`` random ids of the vocabulary, MASK excluded."""
+def make_prompt(model, length: int, seed: int = 0, text_ids: Optional[list[int]] = None):
+    """The first ``length`` ids of ``text_ids`` (repeated as needed), or random ids
+    of the vocabulary (MASK excluded) when there is no text."""
+    if text_ids:
+        return [text_ids[i % len(text_ids)] for i in range(length)]
     rng = random.Random(seed)
     choices = [i for i in range(model.args.vocab_size) if i != model.args.mask_token_id]
     return [rng.choice(choices) for _ in range(length)]
@@ -147,24 +150,28 @@ def run_bench(
     k: int = 8,
     reference: bool = True,
     seed: int = 0,
+    text_ids: Optional[list[int]] = None,
     progress=None,
 ) -> tuple[list[BenchRow], Optional[ReferenceRow]]:
     """Every mode at every prompt length (after one short warm-up run each),
-    and the uncached diffusion reference at the longest prompt."""
+    and the uncached diffusion reference at the longest prompt.
+
+    Prompts are cut from ``text_ids`` when given, else random ids.
+    """
     lengths, modes = sorted(prompt_lengths), list(modes)
     options = dict(block_len=block_len, threshold=threshold, k=k)
     rows = []
     for mode in modes:
-        bench_mode(model, name, random_prompt(model, 4, seed), mode, 2, **options)
+        bench_mode(model, name, make_prompt(model, 4, seed, text_ids), mode, 2, **options)
     for length in lengths:
-        prompt = random_prompt(model, length, seed)
+        prompt = make_prompt(model, length, seed, text_ids)
         for mode in modes:
             rows.append(bench_mode(model, name, prompt, mode, max_tokens, **options))
             if progress:
                 progress(rows[-1])
     ref = None
     if reference:
-        prompt = random_prompt(model, lengths[-1], seed)
+        prompt = make_prompt(model, lengths[-1], seed, text_ids)
         ref = bench_reference(model, name, prompt, max_tokens, block_len, threshold)
     return rows, ref
 

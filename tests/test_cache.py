@@ -55,7 +55,8 @@ def chunked(model, ids: mx.array, sizes, cache=None) -> mx.array:
 
 
 @pytest.mark.parametrize(
-    "sizes", [[29], [1] * 29, [5, 1, 1, 7, 15], [3, 3, 23], [28, 1], [2, 9, 1, 17], [4, 4, 4, 4, 13]]
+    "sizes",
+    [[29], [1] * 29, [5, 1, 1, 7, 15], [3, 3, 23], [28, 1], [2, 9, 1, 17], [4, 4, 4, 4, 13]],
 )
 def test_incremental_decode_equals_full_forward(golden_model, golden, sizes):
     logits = chunked(golden_model, golden["ids_a"], sizes)
@@ -96,6 +97,25 @@ def test_repeated_trims_like_self_speculation(golden_model, golden):
         trim_prompt_cache(cache, window - keep)
         position += keep
     assert cache[0].offset == position
+
+
+def test_batch_cache_filtered_then_trimmed(golden_model, golden):
+    """Caches merged into a batch (left padding), a step, a row dropped, a trim."""
+    ids = golden["ids_a"]
+    singles = []
+    for row, length in ((0, 6), (1, 9)):
+        cache = golden_model.make_cache()
+        golden_model(ids[row : row + 1, :length], cache=cache)
+        singles.append(cache)
+    batch = [DharaCache.merge([a, b]) for a, b in zip(*singles)]
+    logits = golden_model(mx.array([[ids[0, 6].item()], [ids[1, 9].item()]]), cache=batch)
+    assert max_error(logits[1], golden["ar_logits"][1, 9:10]) <= TOLERANCE
+    assert max_error(logits[0], golden["ar_logits"][0, 6:7]) <= TOLERANCE
+    for cache in batch:
+        cache.filter([1])
+    assert trim_prompt_cache(batch, 2) == 2
+    logits = golden_model(ids[1:2, 8:12], cache=batch)
+    assert max_error(logits, golden["ar_logits"][1:2, 8:12]) <= TOLERANCE
 
 
 def test_server_prompt_cache_trims_a_longer_entry(golden_model, golden):
@@ -175,7 +195,9 @@ def greedy_with_quantized_kv(model, prompt: mx.array, steps: int, bits: int, zer
     cache = model.make_cache()
     model(prompt[None, :-1], cache=cache)
     cache = [
-        DharaCache(c.kv.to_quantized(group_size=32, bits=bits), KVCache() if zero_canon else c.canon)
+        DharaCache(
+            c.kv.to_quantized(group_size=32, bits=bits), KVCache() if zero_canon else c.canon
+        )
         for c in cache
     ]
     token, tokens, logprobs = prompt[-1:], [], []
@@ -216,7 +238,8 @@ def test_kv_bits_generation_keeps_the_float_canon_history(kv_model, tokenizer, g
 
     _, zeroed = greedy_with_quantized_kv(kv_model, prompt, steps, bits, True)
     assert max(max_error(a, b) for a, b in zip(expected_logprobs, zeroed)) > 1e-2
-    unquantized = [r.logprobs for r in stream_generate(kv_model, tokenizer, prompt.tolist(), max_tokens=steps)]
+    plain = stream_generate(kv_model, tokenizer, prompt.tolist(), max_tokens=steps)
+    unquantized = [r.logprobs for r in plain]
     assert max(max_error(a, b) for a, b in zip(expected_logprobs, unquantized)) > 0
 
 
@@ -235,11 +258,14 @@ def one_by_one(model, prompts, max_tokens: int, eos: int) -> list[list[int]]:
 
 def batch_prompts(golden) -> list[list[int]]:
     ids = golden["ids_a"]
-    return [ids[0, :5].tolist(), ids[1, :13].tolist(), golden["prompt_p1"].tolist(), ids[0, 3:12].tolist()]
+    p1 = golden["prompt_p1"].tolist()
+    return [ids[0, :5].tolist(), ids[1, :13].tolist(), p1, ids[0, 3:12].tolist()]
 
 
 @pytest.mark.parametrize("prefill_step_size", [2048, 4])
-def test_batch_generate_with_right_padded_prefill(golden_model, golden, tokenizer, eos, prefill_step_size):
+def test_batch_generate_with_right_padded_prefill(
+    golden_model, golden, tokenizer, eos, prefill_step_size
+):
     prompts = batch_prompts(golden)
     response = batch_generate(
         golden_model,
@@ -285,7 +311,8 @@ def run_batch_generator(model, prompts, max_tokens: int, prefill_step_size: int 
 
 def test_batch_generator_continuous_batching(golden_model, golden):
     prompts = batch_prompts(golden)
-    assert run_batch_generator(golden_model, prompts, 8, 4) == one_by_one(golden_model, prompts, 8, -1)
+    expected = one_by_one(golden_model, prompts, 8, -1)
+    assert run_batch_generator(golden_model, prompts, 8, 4) == expected
 
 
 def cast_copy(model, dtype):
@@ -348,7 +375,7 @@ def test_masks_are_bool_for_every_weight_format(golden_model, golden, attention_
     assert set(m for m in attention_masks if isinstance(m, str)) <= {"causal"}
 
 
-def test_quantized_model_batches_like_one_by_one(golden_model, golden, eos):
+def test_quantized_model_batches_like_one_by_one(golden_model, golden):
     model = quantized_copy(golden_model)
     prompts = batch_prompts(golden)
     assert run_batch_generator(model, prompts, 6, 4) == one_by_one(model, prompts, 6, -1)
@@ -363,8 +390,8 @@ def test_to_quantized_keeps_the_canon_store(kv_model, golden):
     assert quantized.to_quantized(group_size=32, bits=8) is quantized
 
 
-def test_model_without_cache_is_unchanged_by_load(golden_dir, golden):
-    """A fresh load gives the same logits as the session model (no state leaks between forwards)."""
+def test_a_cached_forward_leaves_no_state_in_the_model(golden_dir, golden):
+    """The canon state lives in the cache only: forwards without one are unaffected."""
     model, _ = load_model(golden_dir)
     first = model(golden["ids_a"])
     cache = model.make_cache()

@@ -76,7 +76,8 @@ def test_quantized_checkpoint_round_trip(golden_dir, golden, tmp_path):
     model, config = load_model(golden_dir)
     nn.quantize(model, group_size=32, bits=4)
     save_model(tmp_path, model)
-    save_config({**config, "quantization": {"group_size": 32, "bits": 4}}, config_path=tmp_path / "config.json")
+    quantized_config = {**config, "quantization": {"group_size": 32, "bits": 4}}
+    save_config(quantized_config, config_path=tmp_path / "config.json")
     reloaded, _ = load_model(tmp_path)
     assert isinstance(reloaded.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     assert mx.array_equal(logits_of(reloaded, golden), logits_of(model, golden))
@@ -100,7 +101,8 @@ def test_lora_applies_and_trains_only_adapters(golden_dir, golden):
     assert mx.abs(base - golden["ar_logits"]).max().item() <= 1e-5  # lora_b starts at zero
 
     def loss(model):
-        return nn.losses.cross_entropy(model(golden["ids_a"][:, :-1]), golden["ids_a"][:, 1:]).mean()
+        ids = golden["ids_a"]
+        return nn.losses.cross_entropy(model(ids[:, :-1]), ids[:, 1:]).mean()
 
     grads = dict(tree_flatten(nn.value_and_grad(model, loss)(model)[1]))
     assert set(grads) == set(trainable)

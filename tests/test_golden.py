@@ -44,7 +44,8 @@ def greedy_with_mlx_lm(model, prompt: mx.array, processors: list, max_tokens: in
 def test_greedy_matches_golden_through_mlx_lm(golden_model, golden, golden_settings):
     expected = golden["greedy_p1"].tolist()
     mask_id = golden_settings["mask_token_id"]
-    tokens = greedy_with_mlx_lm(golden_model, golden["prompt_p1"], [suppress_mask(mask_id)], len(expected))
+    processors = [suppress_mask(mask_id)]
+    tokens = greedy_with_mlx_lm(golden_model, golden["prompt_p1"], processors, len(expected))
     assert tokens == expected
 
 
@@ -56,7 +57,10 @@ def test_greedy_rep13_matches_golden_through_mlx_lm(golden_model, golden, golden
     expected = golden["greedy_p1_rep13"].tolist()
     prompt = golden["prompt_p1"]
     window = prompt.size + len(expected)
-    processors = [suppress_mask(golden_settings["mask_token_id"]), make_repetition_penalty(1.3, window)]
+    processors = [
+        suppress_mask(golden_settings["mask_token_id"]),
+        make_repetition_penalty(1.3, window),
+    ]
     assert greedy_with_mlx_lm(golden_model, prompt, processors, len(expected)) == expected
 
 

@@ -133,7 +133,9 @@ def reference_logits(
             a = canon(a, w, p + "canon_a", cfg)
         q, k, v = (a @ w[p + f"self_attn.{n}_proj.weight"].T for n in "qkv")
         if "B" in cfg.canon_set:
-            q, k, v = (canon(t, w, p + f"self_attn.canon_b_{n}", cfg) for t, n in zip((q, k, v), "qkv"))
+            q, k, v = (
+                canon(t, w, p + f"self_attn.canon_b_{n}", cfg) for t, n in zip((q, k, v), "qkv")
+            )
         q = q.reshape(batch, length, heads, dim).transpose(0, 2, 1, 3)
         k = k.reshape(batch, length, kv_heads, dim).transpose(0, 2, 1, 3)
         v = v.reshape(batch, length, kv_heads, dim).transpose(0, 2, 1, 3)
@@ -208,7 +210,8 @@ def random_weights(config: dict, seed: int = 0, inv_freq: bool = True) -> dict[s
                 shape = (channels, 1, cfg.canon_kernel)
                 weights[p + site + ".conv.weight"] = rng.normal(0, 0.5, shape).astype(np.float32)
                 if cfg.canon_bias:
-                    weights[p + site + ".conv.bias"] = rng.normal(0, 0.1, channels).astype(np.float32)
+                    bias = rng.normal(0, 0.1, channels).astype(np.float32)
+                    weights[p + site + ".conv.bias"] = bias
     return weights
 
 

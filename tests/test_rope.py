@@ -16,12 +16,13 @@ from test_model_reference import TINY, random_weights, reference_logits, write_c
 
 from optiq_dhara.rope import rope_parameters
 
+ORIGINAL = "original_max_position_embeddings"
 YARN_CASES = [
-    {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192},
-    {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 4096, "beta_fast": 16, "beta_slow": 2},
-    {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 2048, "mscale": 0.707, "mscale_all_dim": 1.0},
-    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 1024, "attention_factor": 1.5},
-    {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096, "truncate": False},
+    {"type": "yarn", "factor": 4.0, ORIGINAL: 8192},
+    {"rope_type": "yarn", "factor": 16.0, ORIGINAL: 4096, "beta_fast": 16, "beta_slow": 2},
+    {"rope_type": "yarn", "factor": 8.0, ORIGINAL: 2048, "mscale": 0.707, "mscale_all_dim": 1.0},
+    {"rope_type": "yarn", "factor": 2.0, ORIGINAL: 1024, "attention_factor": 1.5},
+    {"rope_type": "yarn", "factor": 32.0, ORIGINAL: 4096, "truncate": False},
 ]
 
 
@@ -40,7 +41,7 @@ _TORCH_STANDIN = types.SimpleNamespace(
 
 @pytest.fixture
 def transformers_yarn(monkeypatch):
-    """(head_dim, theta, rope_scaling) -> (inv_freq, attention_factor) as transformers computes them."""
+    """(head_dim, theta, rope_scaling) -> (inv_freq, attention_factor), by transformers."""
     from transformers import LlamaConfig
     from transformers import modeling_rope_utils as rope_utils
 
@@ -54,7 +55,9 @@ def transformers_yarn(monkeypatch):
             hidden_size=head_dim * 4,
             num_attention_heads=4,
             head_dim=head_dim,
-            max_position_embeddings=int(scaling["factor"] * scaling["original_max_position_embeddings"]),
+            max_position_embeddings=int(
+                scaling["factor"] * scaling["original_max_position_embeddings"]
+            ),
             rope_theta=theta,
             rope_scaling=dict(scaling),
         )
@@ -84,7 +87,8 @@ def test_yarn_changes_the_frequencies():
 def test_yarn_without_original_length_takes_max_position_embeddings():
     scaling = {"rope_type": "yarn", "factor": 4.0}
     freq, _ = rope_parameters(64, 10_000.0, scaling, max_position_embeddings=8192)
-    expected, _ = rope_parameters(64, 10_000.0, {**scaling, "original_max_position_embeddings": 8192})
+    explicit = {**scaling, "original_max_position_embeddings": 8192}
+    expected, _ = rope_parameters(64, 10_000.0, explicit)
     assert np.array_equal(np.array(freq), np.array(expected))
 
 
@@ -111,7 +115,8 @@ def test_yarn_checkpoint_loads_and_matches_reference(tmp_path, transformers_yarn
     weights = random_weights(config, inv_freq=False)
     model, _ = load_model(write_checkpoint(tmp_path / "yarn", config, weights))
     ids = np.random.default_rng(3).integers(0, TINY["vocab_size"], (1, 16))
-    inv_freq, factor = transformers_yarn(TINY["hidden_size"] // TINY["num_attention_heads"], 500.0, scaling)
+    head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
+    inv_freq, factor = transformers_yarn(head_dim, 500.0, scaling)
     expected = reference_logits(config, weights, ids, inv_freq=inv_freq, attention_factor=factor)
     logits = np.array(model(mx.array(ids)))
     assert np.abs(logits - expected).max() < 2e-4

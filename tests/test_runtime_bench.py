@@ -6,7 +6,7 @@ import mlx.core as mx
 from typer.testing import CliRunner
 
 from optiq_dhara.cli import app
-from optiq_dhara.runtime.bench import random_model, run_bench, uncached_diffusion
+from optiq_dhara.runtime.bench import make_prompt, random_model, run_bench, uncached_diffusion
 
 
 def test_uncached_reference_is_the_golden_semantics(golden_model, golden, golden_settings):
@@ -40,6 +40,25 @@ def test_run_bench_on_a_small_random_model():
         assert row.generated == 6 and row.tokens_per_second > 0 and row.peak_memory_gb > 0
         assert row.bandwidth_gb_s > 0 and row.first_token_seconds > 0
     assert ref.prompt_tokens == 20 and ref.same_output and ref.speedup > 0
+
+
+def test_prompts_cut_from_text_or_random(golden_model):
+    assert make_prompt(golden_model, 5, text_ids=[7, 8]) == [7, 8, 7, 8, 7]
+    prompt = make_prompt(golden_model, 50, seed=1)
+    assert prompt == make_prompt(golden_model, 50, seed=1) != make_prompt(golden_model, 50, seed=2)
+    assert golden_model.args.mask_token_id not in prompt
+
+
+def test_bench_command_with_a_prompt_file(golden_dir, tmp_path):
+    text = tmp_path / "prompt.txt"
+    text.write_text("def hello(name):\n    return name\n")
+    args = ["bench", "--prompt-len", "8", "--max-tokens", "2", "--block-len", "4", "--mode", "ar"]
+    result = CliRunner().invoke(
+        app, [*args, "--model", str(golden_dir), "--prompt-file", str(text)]
+    )
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, [*args, "--prompt-file", str(text)])
+    assert result.exit_code != 0 and "needs --model" in result.output
 
 
 def test_bench_command(golden_dir, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from optiq_dhara.masks import causal_mask
+from optiq_dhara.masks import block_causal_mask, causal_mask
 from optiq_dhara.train.loss import Noise, joint_loss, noisy_block_mask, sample_noise
 
 BLOCK = 8
@@ -14,7 +14,8 @@ BLOCK = 8
 
 def direct_joint_loss(model, tokens, loss_mask, noise: Noise, weight: float, block: int):
     """SPEC's joint loss written out: for every sequence and block, one forward of
-    [clean tokens before the block, the noisy block] with the block bidirectional."""
+    [clean tokens before the block, the noisy block] with the block bidirectional
+    and the clean tokens causal or block-causal, as the noise draws."""
     mask_id = model.args.mask_token_id
     batch, length = tokens.shape
     logits = model(tokens)
@@ -32,9 +33,8 @@ def direct_joint_loss(model, tokens, loss_mask, noise: Noise, weight: float, blo
             masked = noise.masked[i, span] & trained[i, span]
             noisy = mx.where(masked, mask_id, padded[i, span])
             sequence = mx.concatenate([padded[i, : b * block], noisy])[None]
-            prefix = mx.concatenate(
-                [causal_mask(b * block), mx.zeros((b * block, block), dtype=mx.bool_)], axis=1
-            )
+            context = block_causal_mask(b * block, block) if noise.block_context[i, b].item() else causal_mask(b * block)
+            prefix = mx.concatenate([context, mx.zeros((b * block, block), dtype=mx.bool_)], axis=1)
             attend = mx.concatenate([prefix, mx.ones((block, (b + 1) * block), dtype=mx.bool_)])
             block_logits = model(sequence, mask=attend)[0, b * block :]
             block_ce = nn.losses.cross_entropy(block_logits, padded[i, span])
@@ -43,21 +43,28 @@ def direct_joint_loss(model, tokens, loss_mask, noise: Noise, weight: float, blo
     return ar, diffusion, ar + weight * diffusion
 
 
-def _case(length: int, prompt: int, seed: int):
+def _case(length: int, prompt: int, seed: int, block_context: float = 0.0):
     tokens = mx.random.randint(0, 300, (2, length), key=mx.random.key(seed))
     positions = np.arange(length)[None]
     loss_mask = mx.array(positions >= np.array([[0], [prompt]]))
     blocks = -(-length // BLOCK)
-    noise = sample_noise((2, blocks * BLOCK), BLOCK, key=mx.random.key(seed + 1))
+    noise = sample_noise(
+        (2, blocks * BLOCK), BLOCK, block_context=block_context, key=mx.random.key(seed + 1)
+    )
     return tokens, loss_mask, noise
 
 
-@pytest.mark.parametrize("length, prompt", [(24, 5), (21, 0), (8, 3)])
-def test_joint_loss_equals_direct_computation(golden_model, length, prompt):
-    tokens, loss_mask, noise = _case(length, prompt, seed=length)
-    got = joint_loss(golden_model, tokens, loss_mask, 0.3, BLOCK, noise)
+@pytest.mark.parametrize(
+    "length, prompt, block_context",
+    [(24, 5, 0.0), (24, 5, 1.0), (32, 0, 0.5), (21, 0, 0.5), (8, 3, 1.0)],
+)
+def test_joint_loss_equals_direct_computation(golden_model, length, prompt, block_context):
+    tokens, loss_mask, noise = _case(length, prompt, length, block_context)
+    got = joint_loss(golden_model, tokens, loss_mask, 0.3, BLOCK, noise, block_context)
     ar, diffusion, total = direct_joint_loss(golden_model, tokens, loss_mask, noise, 0.3, BLOCK)
     assert noise.masked.sum().item() > 0
+    if block_context == 0.5:  # both contexts occur (blocks after the first)
+        assert len(set(np.array(noise.block_context[:, 1:]).ravel().tolist())) == 2
     np.testing.assert_allclose(got.ar.item(), ar.item(), rtol=1e-5)
     np.testing.assert_allclose(got.diffusion.item(), diffusion.item(), rtol=1e-5)
     np.testing.assert_allclose(got.total.item(), total.item(), rtol=1e-5)
@@ -92,15 +99,14 @@ def test_concatenated_forward_would_not_be_exact(golden_model):
 def test_ar_objective_runs_the_clean_forward_only(golden_model):
     tokens, loss_mask, _ = _case(24, 5, seed=7)
     got = joint_loss(golden_model, tokens, loss_mask, diffusion_weight=0.0, block_len=BLOCK)
-    ar, _, _ = direct_joint_loss(
-        golden_model, tokens, loss_mask, _case(24, 5, 7)[2], 0.0, BLOCK
-    )
+    ar, _, _ = direct_joint_loss(golden_model, tokens, loss_mask, _case(24, 5, 7)[2], 0.0, BLOCK)
     np.testing.assert_allclose(got.total.item(), ar.item(), rtol=1e-5)
     assert got.diffusion.item() == 0.0
 
 
 def test_noise_rate_is_per_block_and_bounded():
-    noise = sample_noise((64, 32 * 8), 32, min_rate=0.01, key=mx.random.key(0))
+    noise = sample_noise((64, 32 * 8), 32, min_rate=0.01, block_context=0.25, key=mx.random.key(0))
+    assert 0.15 < noise.block_context.astype(mx.float32).mean().item() < 0.35
     assert noise.rate.shape == (64, 8)
     assert noise.rate.min().item() >= 0.01 and noise.rate.max().item() <= 1.0
     blocks = noise.masked.reshape(64, 8, 32).astype(mx.float32).mean(axis=-1)

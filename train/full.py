@@ -67,7 +67,10 @@ def train_full(
         held_out = tiled_batches(valid_ids, seq_len, batch_size)[:val_batches]
 
         def evaluate(step: int) -> dict:
-            losses = evaluate_losses(model, held_out, config.diffusion_weight, config.block_len)
+            losses = evaluate_losses(
+                model, held_out, config.diffusion_weight, config.block_len,
+                block_context=config.block_context,
+            )
             return {f"val_{name}": value for name, value in losses.items()}
 
     batches = window_batches(train_ids, seq_len, batch_size, config.seed)

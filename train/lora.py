@@ -20,7 +20,7 @@ from mlx_lm.utils import dequantize_model, load
 
 from .checkpoint import atomic_write, save_model_dir
 from .data import dataset_batches, load_jsonl_splits
-from .loss import BLOCK_LEN, DIFFUSION_WEIGHT
+from .loss import BLOCK_CONTEXT, BLOCK_LEN, DIFFUSION_WEIGHT
 from .modes import spec_accepted_per_round
 from .trainer import TrainConfig, evaluate_losses, train
 
@@ -41,6 +41,7 @@ class LoraConfig:
     mask_prompt: bool = False
     diffusion_weight: float = DIFFUSION_WEIGHT
     block_len: int = BLOCK_LEN
+    block_context: float = BLOCK_CONTEXT
     steps_per_report: int = 10
     steps_per_eval: int = 200
     val_batches: int = 25
@@ -118,7 +119,9 @@ def make_validation(model: nn.Module, dataset, config: LoraConfig) -> Callable[[
         model.eval()
         batches = dataset_batches(dataset, config.batch_size, pad_id, config.max_seq_length, seed=config.seed)
         batches = (batch for _, batch in zip(range(config.val_batches), batches))
-        losses = evaluate_losses(model, batches, config.diffusion_weight, config.block_len, config.seed)
+        losses = evaluate_losses(
+            model, batches, config.diffusion_weight, config.block_len, config.seed, config.block_context
+        )
         result = {f"val_{name}": value for name, value in losses.items()}
         if prompts:
             result["val_spec_accepted_k8"] = spec_accepted_per_round(
@@ -161,6 +164,7 @@ def run_lora(
         learning_rate=config.learning_rate,
         diffusion_weight=config.weight,
         block_len=config.block_len,
+        block_context=config.block_context,
         steps_per_report=config.steps_per_report,
         steps_per_eval=config.steps_per_eval,
         seed=config.seed,

@@ -14,7 +14,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from tqdm import tqdm
 
-from .loss import BLOCK_LEN, DIFFUSION_WEIGHT, joint_loss, sample_noise
+from .loss import BLOCK_CONTEXT, BLOCK_LEN, DIFFUSION_WEIGHT, joint_loss, sample_noise
 
 Batch = tuple[mx.array, mx.array]  # tokens [B, L], loss mask [B, L]
 
@@ -29,6 +29,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     diffusion_weight: float = DIFFUSION_WEIGHT
     block_len: int = BLOCK_LEN
+    block_context: float = BLOCK_CONTEXT  # share of noisy blocks with a block-causal clean context
     steps_per_report: int = 10
     steps_per_eval: int = 100
     seed: int = 0
@@ -55,6 +56,7 @@ def evaluate_losses(
     diffusion_weight: float = DIFFUSION_WEIGHT,
     block_len: int = BLOCK_LEN,
     seed: int = 0,
+    block_context: float = BLOCK_CONTEXT,
 ) -> dict[str, float]:
     """Token-weighted mean AR and diffusion losses; the noise is seeded, so repeatable."""
     key = mx.random.key(seed)
@@ -62,8 +64,8 @@ def evaluate_losses(
     for tokens, mask in batches:
         key, sub = mx.random.split(key)
         padded = tokens.shape[1] + (-tokens.shape[1] % block_len)
-        noise = sample_noise((tokens.shape[0], padded), block_len, key=sub)
-        losses = joint_loss(model, tokens, mask, diffusion_weight or 1.0, block_len, noise)
+        noise = sample_noise((tokens.shape[0], padded), block_len, block_context=block_context, key=sub)
+        losses = joint_loss(model, tokens, mask, diffusion_weight or 1.0, block_len, noise, block_context)
         mx.eval(losses)
         sums["ar"] += losses.ar.item() * losses.ar_tokens.item()
         sums["diffusion"] += losses.diffusion.item() * losses.diffusion_tokens.item()
@@ -92,7 +94,10 @@ def train(
     optimizer = make_optimizer(config)
 
     def loss_fn(model, tokens, mask):
-        losses = joint_loss(model, tokens, mask, config.diffusion_weight, config.block_len)
+        losses = joint_loss(
+            model, tokens, mask, config.diffusion_weight, config.block_len,
+            block_context=config.block_context,
+        )
         return losses.total, losses
 
     value_and_grad = nn.value_and_grad(model, loss_fn)
