@@ -26,11 +26,8 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.convert import mixed_quant_predicate_builder
 from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
 from mlx_lm.utils import load, quantize_model
-
 from optiq_dhara.convert import convert
 from optiq_dhara.convert.source import cast
-from optiq_dhara.metrics import MODES, compare
-from optiq_dhara.model import Model, ModelArgs
 from optiq_dhara.quantize import (
     allocate,
     load_calibration,
@@ -43,6 +40,9 @@ from optiq_dhara.quantize import (
 from optiq_dhara.quantize.apply import as_float32
 from optiq_dhara.quantize.budget import Budget
 from optiq_dhara.quantize.modules import parameter_count
+
+from optiq_dhara.metrics import MODES, compare
+from optiq_dhara.model import Model, ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests/fixtures/golden_tiny"
@@ -100,7 +100,9 @@ def score(model: nn.Module, reference: nn.Module, held_out: mx.array, parameters
 
 
 def main(
-    model: str = typer.Option("random-250m", help="random-250m, trained, or a checkpoint directory."),
+    model: str = typer.Option(
+        "random-250m", help="random-250m, trained, or a checkpoint directory."
+    ),
     target_bpw: float = typer.Option(5.0),
     candidate_bits: str = typer.Option("4,8", help="The mix's candidate bits."),
     group_size: int = typer.Option(64),
@@ -119,19 +121,34 @@ def main(
         src = TRAINED
     else:
         src = Path(model)
-    results: dict = {"model": model, "target_bpw": target_bpw, "group_size": group_size,
-                     "candidate_bits": bits, "dtype": dtype,
-                     "num_samples": num_samples, "seq_len": seq_len, "date": time.strftime("%Y-%m-%d")}
+    results: dict = {
+        "model": model,
+        "target_bpw": target_bpw,
+        "group_size": group_size,
+        "candidate_bits": bits,
+        "dtype": dtype,
+        "num_samples": num_samples,
+        "seq_len": seq_len,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
     tick = time.perf_counter()
     report = convert(
-        str(src), work / "mix", target_bpw=target_bpw, group_size=group_size, dtype=dtype,
+        str(src),
+        work / "mix",
+        target_bpw=target_bpw,
+        group_size=group_size,
+        dtype=dtype,
         candidate_bits=bits,
-        num_samples=num_samples, seq_len=seq_len, held_out_samples=held_out_samples,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        held_out_samples=held_out_samples,
     )
     results["convert_seconds"] = time.perf_counter() - tick
     results["convert_phases"] = report["seconds"]
-    results["report"] = {k: report[k] for k in ("achieved_bpw", "size_mb", "modules_per_bits", "sensitivity")}
+    results["report"] = {
+        k: report[k] for k in ("achieved_bpw", "size_mb", "modules_per_bits", "sensitivity")
+    }
     results["report_held_out"] = report["held_out"]
 
     float_model, tokenizer = load(str(src))
@@ -159,7 +176,9 @@ def main(
     variants["mix"] = score(mix_at(target_bpw, auto), reference, data.held_out, params)
     variants["uniform 4-bit"] = score(
         quantize_to_plan(fresh(), {m.path: 4 for m in modules}, group_size),
-        reference, data.held_out, params,
+        reference,
+        data.held_out,
+        params,
     )
 
     recipe = fresh()
@@ -170,13 +189,19 @@ def main(
 
     tick = time.perf_counter()
     dq_sens = dict(
-        estimate_sensitivities(copy.deepcopy(reference), data.calibration, 4, group_size, 8, group_size)
+        estimate_sensitivities(
+            copy.deepcopy(reference), data.calibration, 4, group_size, 8, group_size
+        )
     )
     dq = fresh()
     threshold = estimate_threshold(dq, dq_sens, target_bpw, 4, group_size, 8, group_size)
-    high = lambda p, m: hasattr(m, "to_quantized") and (
-        {"bits": 8, "group_size": group_size} if dq_sens[p] > threshold else True
-    )
+
+    def high(path: str, module: nn.Module):
+        """dynamic_quant's own rule: 8 bits above its threshold."""
+        if not hasattr(module, "to_quantized"):
+            return False
+        return {"bits": 8, "group_size": group_size} if dq_sens[path] > threshold else True
+
     dq, _ = quantize_model(dq, config, group_size, 4, quant_predicate=high)
     variants["mlx-lm dynamic_quant (4/8)"] = score(dq, reference, data.held_out, params)
     variants["mlx-lm dynamic_quant (4/8)"]["seconds"] = time.perf_counter() - tick
@@ -191,8 +216,15 @@ def main(
     if exact_baseline:
         tick = time.perf_counter()
         exact = measure_sensitivities(
-            copy.deepcopy(reference), data.calibration, modules, bits, group_size, dtype=out_dtype,
-            budget=budget.for_modules(target_bpw), scale_bits=budget.scale_bits, forward_fraction=1.0,
+            copy.deepcopy(reference),
+            data.calibration,
+            modules,
+            bits,
+            group_size,
+            dtype=out_dtype,
+            budget=budget.for_modules(target_bpw),
+            scale_bits=budget.scale_bits,
+            forward_fraction=1.0,
         )
         results["exact_baseline"] = {
             "seconds": time.perf_counter() - tick,
@@ -222,13 +254,15 @@ def table(results: dict) -> str:
     ]
     for name, v in results["variants"].items():
         lines.append(
-            f"| {name} | {v['bpw']:.3f} | {v['ar']['mean_kl']:.5f} | {v['diffusion']['mean_kl']:.5f} "
-            f"| {v['ar']['top1']:.3f} | {v['diffusion']['top1']:.3f} |"
+            f"| {name} | {v['bpw']:.3f} | {v['ar']['mean_kl']:.5f} "
+            f"| {v['diffusion']['mean_kl']:.5f} | {v['ar']['top1']:.3f} "
+            f"| {v['diffusion']['top1']:.3f} |"
         )
     if "exact_baseline" in results:
         e = results["exact_baseline"]
         lines.append(
-            f"\nevery module measured: {e['forwards_per_sample']:.1f} forwards/sample, {e['seconds']:.0f} s"
+            f"\nevery module measured: {e['forwards_per_sample']:.1f} forwards/sample, "
+            f"{e['seconds']:.0f} s"
         )
     return "\n".join(lines)
 

@@ -1,9 +1,10 @@
 """LoRA with the joint loss vs next-token-only LoRA, on the trained fixture.
 
-The task: write the docstring of a standard-library function given its
-signature, as ChatML prompt/completion records (prompt masked), built at run
-time from the stdlib source with ``ast``: functions of every tenth file are the
-test split. The same steps, rank and rate train one adapter per objective;
+The task: write the first line of a standard-library function's docstring
+given its signature, as ChatML prompt/completion records (prompt masked), built
+at run time from the stdlib source with ``ast``: functions of every tenth file
+are the test split. English prose in ChatML is new to the fixture, which saw
+only code without docstrings. The same steps, rank and rate train one adapter per objective;
 then, for the base model and both adapters, on the task's test split: AR loss,
 diffusion loss (seeded noise), block-diffusion tokens per forward (threshold
 0.5) and self-spec accepted draft tokens per round (k = 8) after the test
@@ -32,7 +33,11 @@ SKIPPED = {"site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "t
 
 
 def docstring_task(limit: int) -> dict[str, list[dict]]:
-    """{split: [{"prompt", "completion"}]}: signature -> first paragraph of the docstring."""
+    """{split: [{"prompt", "completion"}]}: a short signature -> its docstring's first line.
+
+    Kept short (signature <= 40 characters, line 20-70) to stay within the 128
+    tokens the fixture was trained on.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in sorted(root.rglob("*.py")) if not SKIPPED & set(p.relative_to(root).parts)]
     splits: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
@@ -45,10 +50,10 @@ def docstring_task(limit: int) -> dict[str, list[dict]]:
         for node in ast.walk(tree):
             if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
-            doc = (ast.get_docstring(node) or "").split("\n\n")[0]
-            if 20 <= len(doc) <= 300:
-                prompt = f"Docstring of def {node.name}({ast.unparse(node.args)}):"
-                splits[split].append({"prompt": prompt, "completion": doc})
+            line = (ast.get_docstring(node) or "").split("\n")[0].strip()
+            signature = f"def {node.name}({ast.unparse(node.args)}):"
+            if 20 <= len(line) <= 70 and len(signature) <= 40:
+                splits[split].append({"prompt": signature, "completion": line})
     return {name: records[:limit] for name, records in splits.items()}
 
 

@@ -53,6 +53,9 @@ def bench(
         bool, typer.Option(help="Also time the uncached diffusion reference at the longest prompt.")
     ] = True,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and prompts.")] = 0,
+    repeats: Annotated[
+        int, typer.Option(min=1, help="Runs per mode and length, taking turns; the fastest counts.")
+    ] = 1,
     prompt_file: Annotated[
         Optional[Path],
         typer.Option(
@@ -96,6 +99,7 @@ def bench(
         reference=reference,
         seed=seed,
         text_ids=text_ids,
+        repeats=repeats,
         progress=lambda row: typer.echo(
             f"{row.mode:>9} prompt {row.prompt_tokens:>5}: {row.tokens_per_second:.2f} tok/s",
             err=True,

@@ -21,7 +21,7 @@ class Method(str, Enum):
 
 
 def parse_bits(text: Optional[str]) -> Optional[list[int]]:
-    """"4,8" -> [4, 8]; a usage error for anything that is not a list of integers."""
+    """ "4,8" -> [4, 8]; a usage error for anything that is not a list of integers."""
     if text is None:
         return None
     try:
@@ -41,7 +41,9 @@ def convert_command(
     mlx_path: Annotated[Path, typer.Option(help="Destination directory (written atomically).")],
     target_bpw: Annotated[
         Optional[float],
-        typer.Option(help="Bits per weight of the mix, all stored bits counted; omit to not quantize."),
+        typer.Option(
+            help="Bits per weight of the mix, all stored bits counted; omit to not quantize."
+        ),
     ] = None,
     candidate_bits: Annotated[
         Optional[str], typer.Option(help="Bits a module may get, comma-separated [default: 4,8].")
@@ -109,7 +111,7 @@ def summary(report: dict, path: Path) -> str:
     for name in ("mix", "uniform_4", "uniform_8"):
         r = report["held_out"][name]
         lines.append(
-            f"  {name:10} {r['ar']['mean_kl']:.5f} / {r['diffusion']['mean_kl']:.5f}"
-            f"       {r['ar']['top1_agreement']:.3f}        {r['self_spec']['accepted_per_round']:.2f}"
+            f"  {name:10} {r['ar']['mean_kl']:.5f} / {r['diffusion']['mean_kl']:.5f}       "
+            f"{r['ar']['top1_agreement']:.3f}        {r['self_spec']['accepted_per_round']:.2f}"
         )
     return "\n".join(lines)

@@ -18,7 +18,6 @@ from typing import Callable, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_model, save_config, save_model
-
 from optiq_dhara.quantize.allocate import allocate, module_points
 from optiq_dhara.quantize.apply import (
     as_float32,
@@ -28,8 +27,8 @@ from optiq_dhara.quantize.apply import (
     stored_bytes,
     stored_plan,
 )
-from optiq_dhara.quantize.calibration import load_calibration
 from optiq_dhara.quantize.budget import Budget
+from optiq_dhara.quantize.calibration import load_calibration
 from optiq_dhara.quantize.modules import (
     Quantizable,
     check_candidates,
@@ -37,6 +36,7 @@ from optiq_dhara.quantize.modules import (
     quantizable_modules,
 )
 from optiq_dhara.quantize.sensitivity import (
+    METHODS,
     Sensitivities,
     load_sensitivities,
     measure_sensitivities,
@@ -86,20 +86,24 @@ def convert(
     check_destination(dst, force)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    quant_only = {
-        "candidate_bits": candidate_bits,
-        "group_size": group_size,
-        "calibration": calibration,
-        "num_samples": num_samples,
-        "seq_len": seq_len,
-        "sensitivities": sensitivities,
-    }
+    if sensitivity_method not in METHODS:
+        raise ValueError(
+            f"sensitivity method {sensitivity_method!r} is not one of {', '.join(METHODS)}"
+        )
     if target_bpw is None:
+        quant_only = {
+            "candidate_bits": candidate_bits,
+            "group_size": group_size,
+            "calibration": calibration,
+            "num_samples": num_samples,
+            "seq_len": seq_len,
+            "sensitivities": sensitivities,
+        }
         given = [name for name, value in quant_only.items() if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply when quantizing: add a target bpw")
-    bits = check_candidates(candidate_bits or DEFAULT_BITS, group_size or DEFAULT_GROUP_SIZE)
     group_size = group_size or DEFAULT_GROUP_SIZE
+    bits = check_candidates(candidate_bits or DEFAULT_BITS, group_size)
 
     source = load_source(hf_path, revision)
     if dst.resolve() == source.path.resolve():
@@ -107,12 +111,14 @@ def convert(
     out_dtype = resolve_dtype(dtype, source.config, source.model)
     model = cast(source.model, out_dtype)
     config = {**source.config, "torch_dtype": _dtype_name(out_dtype)}
-
     if target_bpw is None:
-        mx.eval(model.parameters())
         with atomic_directory(dst, force) as tmp:
             _write(tmp, model, config, source)
-        return {"quantized": False, "dtype": config["torch_dtype"], "size_mb": stored_bytes(dst) / 1e6}
+        return {
+            "quantized": False,
+            "dtype": config["torch_dtype"],
+            "size_mb": stored_bytes(dst) / 1e6,
+        }
 
     modules = quantizable_modules(model)
     check_group_size(modules, group_size)
@@ -126,7 +132,7 @@ def convert(
         held_out_samples,
     )
     reference = as_float32(copy.deepcopy(model))
-    phases = {}
+    seconds = {}
     tick = time.perf_counter()
     if sensitivities is not None:
         sens = load_sensitivities(Path(sensitivities), modules, bits, group_size)
@@ -144,7 +150,7 @@ def convert(
             block_len=block_len,
             seed=seed,
         )
-    phases["sensitivities"] = time.perf_counter() - tick
+    seconds["sensitivities"] = time.perf_counter() - tick
 
     points = module_points(modules, sens.kl(), bits, group_size, budget.scale_bits)
     plan = allocate(points, budget.for_modules(target_bpw)).bits
@@ -155,20 +161,44 @@ def convert(
         tick = time.perf_counter()
         _write(tmp, model, config, source)
         achieved = _verify(tmp, modules, plan, group_size, budget, target_bpw)
-        phases["write"] = time.perf_counter() - tick
+        seconds["write"] = time.perf_counter() - tick
         tick = time.perf_counter()
         variants: dict[str, Callable[[], nn.Module]] = {
             "mix": lambda: as_float32(load_model(tmp)[0]),
             "uniform_4": lambda: _uniform(reference, modules, 4, group_size, out_dtype),
             "uniform_8": lambda: _uniform(reference, modules, 8, group_size, out_dtype),
         }
-        held_out = evaluate_variants(reference, variants, data.held_out, block_len=block_len, seed=seed)
-        phases["held_out_evaluation"] = time.perf_counter() - tick
-        sens.save(tmp / SENSITIVITIES)
-        report = _report(
-            hf_path, source, sens, plan, modules, group_size, target_bpw, achieved,
-            stored_bytes(tmp), budget, data, held_out, phases, time.perf_counter() - started,
+        held_out = evaluate_variants(
+            reference, variants, data.held_out, block_len=block_len, seed=seed
         )
+        seconds["held_out_evaluation"] = time.perf_counter() - tick
+        sens.save(tmp / SENSITIVITIES)
+        seconds["total"] = time.perf_counter() - started
+        report = {
+            "source": hf_path,
+            "quantized": True,
+            "target_bpw": target_bpw,
+            "achieved_bpw": achieved,
+            "size_mb": stored_bytes(tmp) / 1e6,
+            "parameters": budget.parameters,
+            "group_size": group_size,
+            "candidate_bits": list(bits),
+            "modules_per_bits": {
+                str(b): sum(v == b for v in plan.values()) for b in sorted(set(plan.values()))
+            },
+            "layers": _layers(modules, plan, group_size, sens),
+            "sensitivity": {
+                k: v for k, v in sens.as_dict().items() if k not in ("modules", "format")
+            },
+            "calibration": {
+                "source": data.source,
+                "samples": data.calibration.shape[0],
+                "held_out_samples": data.held_out.shape[0],
+                "seq_len": data.calibration.shape[1],
+            },
+            "held_out": held_out,
+            "seconds": seconds,
+        }
         (tmp / REPORT).write_text(json.dumps(report, indent=2))
     return report
 
@@ -211,7 +241,9 @@ def _verify(
         raise RuntimeError("mlx_lm.load does not give each module its planned bits")
     achieved = stored_bytes(tmp) * 8 / budget.parameters
     if achieved > target_bpw:
-        raise RuntimeError(f"the written model takes {achieved:.4f} bpw, over the target {target_bpw}")
+        raise RuntimeError(
+            f"the written model takes {achieved:.4f} bpw, over the target {target_bpw}"
+        )
     return achieved
 
 
@@ -221,42 +253,17 @@ def _uniform(reference: nn.Module, modules: list[Quantizable], bits: int, group_
     return as_float32(model)
 
 
-def _report(
-    hf_path, source, sens: Sensitivities, plan, modules, group_size, target_bpw, achieved,
-    size, budget: Budget, data, held_out, phases, seconds,
+def _layers(
+    modules: list[Quantizable], plan: dict[str, int], group_size: int, sens: Sensitivities
 ) -> dict:
+    """Per module: its bits, group size, KL at each candidate, and whether that was measured."""
     kl = sens.kl()
-    counts: dict[str, int] = {}
-    for b in plan.values():
-        counts[str(b)] = counts.get(str(b), 0) + 1
     return {
-        "source": hf_path,
-        "quantized": True,
-        "target_bpw": target_bpw,
-        "achieved_bpw": achieved,
-        "size_mb": size / 1e6,
-        "parameters": budget.parameters,
-        "group_size": group_size,
-        "candidate_bits": list(sens.candidate_bits),
-        "modules_per_bits": counts,
-        "layers": {
-            m.path: {
-                "bits": plan[m.path],
-                "group_size": group_size,
-                "sensitivity": {str(b): v for b, v in kl[m.path].items()},
-                "measured": sens.modules[m.path].measured,
-            }
-            for m in modules
-        },
-        "sensitivity": {
-            k: v for k, v in sens.as_dict().items() if k not in ("modules", "format")
-        },
-        "calibration": {
-            "source": data.source,
-            "samples": data.calibration.shape[0],
-            "held_out_samples": data.held_out.shape[0],
-            "seq_len": data.calibration.shape[1],
-        },
-        "held_out": held_out,
-        "seconds": {**phases, "total": seconds},
+        m.path: {
+            "bits": plan[m.path],
+            "group_size": group_size,
+            "sensitivity": {str(b): v for b, v in kl[m.path].items()},
+            "measured": sens.modules[m.path].measured,
+        }
+        for m in modules
     }

@@ -12,10 +12,10 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+from optiq_dhara.runtime import decode
 from tqdm import tqdm
 
 from optiq_dhara.metrics import MODES, compare
-from optiq_dhara.runtime import decode
 
 
 def spec_acceptance(model: nn.Module, prompts: mx.array, k: int = 8, max_tokens: int = 32) -> dict:
@@ -55,7 +55,9 @@ def evaluate_variants(
     for name, build in tqdm(variants.items(), desc="Held-out evaluation", leave=False):
         model = build()
         results[name] = {
-            mode: compare(model, reference, held_out, mode, block_len=block_len, seed=seed).as_dict()
+            mode: compare(
+                model, reference, held_out, mode, block_len=block_len, seed=seed
+            ).as_dict()
             for mode in MODES
         }
         results[name]["self_spec"] = spec_acceptance(model, prompts, max_tokens=spec_tokens)

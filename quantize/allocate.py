@@ -70,7 +70,9 @@ def module_points(
 ) -> dict[str, dict[int, tuple[int, float]]]:
     """(stored bits, KL) of every module at every candidate."""
     return {
-        m.path: {b: (m.stored_bits(b, group_size, scale_bits), kl[m.path][b]) for b in candidate_bits}
+        m.path: {
+            b: (m.stored_bits(b, group_size, scale_bits), kl[m.path][b]) for b in candidate_bits
+        }
         for m in modules
     }
 

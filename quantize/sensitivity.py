@@ -47,6 +47,7 @@ from .modules import Quantizable
 from .staged import ForwardCount, forward_from, forward_with_states, head
 
 Method = Literal["auto", "exact"]
+METHODS = ("auto", "exact")
 FORMAT = "optiq-dhara sensitivities v1"
 TINY = 1e-30  # KL floor: keeps ratios finite
 ESTIMATE_COST = 3 * len(MODES)  # a forward and a backward per sample and mode
@@ -101,7 +102,8 @@ class Sensitivities:
     def as_dict(self) -> dict:
         return {
             "format": FORMAT,
-            "kl": "mean KL(float || one module quantized) per scored position, AR and diffusion averaged",
+            "kl": "mean KL(float || one module quantized) per scored position, "
+            "AR and diffusion averaged",
             "candidate_bits": list(self.candidate_bits),
             "group_size": self.group_size,
             "method": self.method,
@@ -136,7 +138,11 @@ def load_sensitivities(
 
 
 def _from_dict(
-    data: dict, path: Path, modules: list[Quantizable], candidate_bits: tuple[int, ...], group_size: int
+    data: dict,
+    path: Path,
+    modules: list[Quantizable],
+    candidate_bits: tuple[int, ...],
+    group_size: int,
 ) -> Sensitivities:
     if data["group_size"] != group_size:
         raise ValueError(
@@ -290,7 +296,9 @@ class Calibrator:
         """Mean KL in ``mode``, running only what the module's quantization changes."""
         start = self.start(module)
         total = 0.0
-        for scoring, ref, states in zip(self.batches[mode], self.reference[mode], self.states[mode]):
+        for scoring, ref, states in zip(
+            self.batches[mode], self.reference[mode], self.states[mode]
+        ):
             if module.path.endswith("embed_tokens"):
                 logits, _ = forward_with_states(self.model, scoring.inputs, scoring.mask)
             elif start == len(self.model.layers):
@@ -353,7 +361,8 @@ class Refinement:
     def _log_errors(self) -> dict[str, float]:
         low = self.measured_bits[0]
         return {
-            p: math.log(_mean(v[low]) / _mean(self.estimates[p][low])) for p, v in self.exact.items()
+            p: math.log(_mean(v[low]) / _mean(self.estimates[p][low]))
+            for p, v in self.exact.items()
         }
 
     def _factors(self) -> dict[str, float]:
@@ -373,7 +382,9 @@ class Refinement:
         below = max(exact)
         return {
             mode: {
-                b: exact[b][mode] if b in exact else exact[below][mode] * est[b][mode] / max(est[below][mode], TINY)
+                b: exact[b][mode]
+                if b in exact
+                else exact[below][mode] * est[b][mode] / max(est[below][mode], TINY)
                 for b in self.bits
             }
             for mode in MODES
@@ -388,13 +399,16 @@ class Refinement:
             else:
                 f = factors.get(m.kind, factors.get("", 1.0))
                 est = self.estimates[p]
-                out[p] = Sensitivity({mode: {b: est[b][mode] * f for b in self.bits} for mode in MODES}, False)
+                out[p] = Sensitivity(
+                    {mode: {b: est[b][mode] * f for b in self.bits} for mode in MODES}, False
+                )
         return out
 
     def summary(self) -> dict:
         errors = list(self._log_errors().values())
         return {
-            "estimate": "diagonal Fisher (labels sampled from the float model), corrected per module kind",
+            "estimate": "diagonal Fisher (labels sampled from the float model), "
+            "corrected per module kind",
             "estimate_log_error_std": float(np.std(errors)) if errors else None,
         }
 
@@ -427,13 +441,16 @@ def refine(
             if m.path not in refinement.exact
         }
         affordable = [
-            p for p in sorted(margins, key=margins.get)
+            p
+            for p in sorted(margins, key=margins.get)
             if spent + calib.exact_cost(refinement.modules[p], width) <= allowance
         ]
         if not affordable:
             break
         chosen = refinement.modules[affordable[0]]
-        refinement.exact[chosen.path] = {b: calib.exact_kl(chosen, b) for b in refinement.measured_bits}
+        refinement.exact[chosen.path] = {
+            b: calib.exact_kl(chosen, b) for b in refinement.measured_bits
+        }
         spent += calib.exact_cost(chosen, width)
         bar.update(calib.exact_cost(chosen, width))
     bar.close()
@@ -462,11 +479,16 @@ def measure_sensitivities(
     spends at most ``forward_fraction`` of the naive cost (or twice the
     estimate's cost, if more), and measures everything when that is no dearer.
     """
-    if method not in ("auto", "exact"):
-        raise ValueError(f"unknown sensitivity method {method!r}: use auto or exact")
+    if method not in METHODS:
+        raise ValueError(f"sensitivity method {method!r} is not one of {', '.join(METHODS)}")
     calib = Calibrator(
-        model, tokens, dtype=dtype, group_size=group_size, block_len=block_len,
-        batch_size=batch_size, seed=seed,
+        model,
+        tokens,
+        dtype=dtype,
+        group_size=group_size,
+        block_len=block_len,
+        batch_size=batch_size,
+        seed=seed,
     )
     samples = tokens.shape[0]
     naive = naive_forwards(len(modules), len(candidate_bits))

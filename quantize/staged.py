@@ -21,7 +21,9 @@ def _rope(model: nn.Module, start: int, length: int):
     return rope_tables(inv_freqs, 0, length, model.model.rope_factor)
 
 
-def run_layers(model: nn.Module, h: mx.array, start: int, mask: Optional[mx.array]) -> list[mx.array]:
+def run_layers(
+    model: nn.Module, h: mx.array, start: int, mask: Optional[mx.array]
+) -> list[mx.array]:
     """The residual stream [B, L, D] entering layers start, start+1, .. and leaving the last."""
     if mask is None:
         mask = "causal"

@@ -151,12 +151,15 @@ def run_bench(
     reference: bool = True,
     seed: int = 0,
     text_ids: Optional[list[int]] = None,
+    repeats: int = 1,
     progress=None,
 ) -> tuple[list[BenchRow], Optional[ReferenceRow]]:
     """Every mode at every prompt length (after one short warm-up run each),
     and the uncached diffusion reference at the longest prompt.
 
-    Prompts are cut from ``text_ids`` when given, else random ids.
+    Prompts are cut from ``text_ids`` when given, else random ids. With
+    ``repeats`` > 1 the modes take turns and each keeps its fastest run, which
+    is what a shared, noisy machine measures best.
     """
     lengths, modes = sorted(prompt_lengths), list(modes)
     options = dict(block_len=block_len, threshold=threshold, k=k)
@@ -165,8 +168,14 @@ def run_bench(
         bench_mode(model, name, make_prompt(model, 4, seed, text_ids), mode, 2, **options)
     for length in lengths:
         prompt = make_prompt(model, length, seed, text_ids)
+        best: dict[str, BenchRow] = {}
+        for _ in range(repeats):
+            for mode in modes:
+                row = bench_mode(model, name, prompt, mode, max_tokens, **options)
+                if mode not in best or row.tokens_per_second > best[mode].tokens_per_second:
+                    best[mode] = row
         for mode in modes:
-            rows.append(bench_mode(model, name, prompt, mode, max_tokens, **options))
+            rows.append(best[mode])
             if progress:
                 progress(rows[-1])
     ref = None

@@ -9,11 +9,10 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
+from optiq_dhara.cli import app
+from optiq_dhara.convert import convert, pipeline, source
 from typer.testing import CliRunner
 
-from optiq_dhara.cli import app
-from optiq_dhara.convert import convert
-from optiq_dhara.convert import pipeline, source
 from optiq_dhara.metrics import compare
 
 TARGET = 7.0  # bf16, group size 32: 4-bit costs 5 bpw, 8-bit 9, the float parts ~0.5
@@ -37,7 +36,9 @@ def test_stock_load_gives_each_module_the_reported_bits(mixed):
         for path, m in model.named_modules()
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
     }
-    expected = {path: (layer["bits"], layer["group_size"]) for path, layer in report["layers"].items()}
+    expected = {
+        path: (layer["bits"], layer["group_size"]) for path, layer in report["layers"].items()
+    }
     assert quantized == expected
     assert {bits for bits, _ in quantized.values()} == {4, 8}
     config = json.loads((dst / "config.json").read_text())
@@ -77,7 +78,10 @@ def test_reloaded_mix_is_close_to_the_float_model(mixed, golden_model, golden):
     uniform_4 = report["held_out"]["uniform_4"]["ar"]
     assert mix.mean_kl < 0.5 and mix.top1_agreement > 0.6
     assert report["held_out"]["mix"]["ar"]["mean_kl"] < uniform_4["mean_kl"]
-    assert report["held_out"]["mix"]["diffusion"]["mean_kl"] < report["held_out"]["uniform_4"]["diffusion"]["mean_kl"]
+    assert (
+        report["held_out"]["mix"]["diffusion"]["mean_kl"]
+        < report["held_out"]["uniform_4"]["diffusion"]["mean_kl"]
+    )
 
 
 def test_report_has_the_promised_fields(mixed):
@@ -89,7 +93,11 @@ def test_report_has_the_promised_fields(mixed):
     assert layer["sensitivity"]["4"] > layer["sensitivity"]["8"] > 0
     for name in ("mix", "uniform_4", "uniform_8"):
         for mode in ("ar", "diffusion"):
-            assert set(report["held_out"][name][mode]) >= {"mean_kl", "top1_agreement", "perplexity"}
+            assert set(report["held_out"][name][mode]) >= {
+                "mean_kl",
+                "top1_agreement",
+                "perplexity",
+            }
         assert report["held_out"][name]["self_spec"]["accepted_per_round"] >= 0
     assert report["sensitivity"]["forwards_per_sample"] > 0
     assert (dst / "sensitivities.json").is_file()
@@ -99,8 +107,13 @@ def test_report_has_the_promised_fields(mixed):
 def test_sensitivities_file_is_reused(mixed, tmp_path):
     dst, report = mixed
     reused = convert(
-        report["source"], tmp_path / "again", target_bpw=TARGET, group_size=32, dtype="bfloat16",
-        sensitivities=dst / "sensitivities.json", **SMALL,
+        report["source"],
+        tmp_path / "again",
+        target_bpw=TARGET,
+        group_size=32,
+        dtype="bfloat16",
+        sensitivities=dst / "sensitivities.json",
+        **SMALL,
     )
     assert {p: v["bits"] for p, v in reused["layers"].items()} == {
         p: v["bits"] for p, v in report["layers"].items()
@@ -229,8 +242,12 @@ def test_empty_calibration_file(golden_dir, tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="calib.txt is empty"):
         convert(
-            str(golden_dir), tmp_path / "out", target_bpw=7.0, group_size=32,
-            dtype="bfloat16", calibration=empty,
+            str(golden_dir),
+            tmp_path / "out",
+            target_bpw=7.0,
+            group_size=32,
+            dtype="bfloat16",
+            calibration=empty,
         )
 
 
@@ -252,8 +269,14 @@ def test_a_failure_leaves_no_destination(golden_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "evaluate_variants", broken)
     with pytest.raises(RuntimeError, match="evaluation broke"):
-        convert(str(golden_dir), tmp_path / "out", target_bpw=TARGET, group_size=32,
-                dtype="bfloat16", **SMALL)
+        convert(
+            str(golden_dir),
+            tmp_path / "out",
+            target_bpw=TARGET,
+            group_size=32,
+            dtype="bfloat16",
+            **SMALL,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -264,26 +287,44 @@ def test_a_config_that_does_not_match_the_weights_is_caught(golden_dir, tmp_path
         pipeline, "quantization_config", lambda plan, size: honest(dict.fromkeys(plan, 4), size)
     )
     with pytest.raises(RuntimeError, match="does not load with mlx_lm"):
-        convert(str(golden_dir), tmp_path / "out", target_bpw=TARGET, group_size=32,
-                dtype="bfloat16", **SMALL)
+        convert(
+            str(golden_dir),
+            tmp_path / "out",
+            target_bpw=TARGET,
+            group_size=32,
+            dtype="bfloat16",
+            **SMALL,
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_converts_and_reports_errors(golden_dir, tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(app, ["convert", "--hf-path", str(golden_dir), "--mlx-path", str(tmp_path / "o")])
+    ok = runner.invoke(
+        app, ["convert", "--hf-path", str(golden_dir), "--mlx-path", str(tmp_path / "o")]
+    )
     assert ok.exit_code == 0, ok.output
     assert "wrote" in ok.output
     bad = runner.invoke(
         app,
-        ["convert", "--hf-path", str(golden_dir), "--mlx-path", str(tmp_path / "p"),
-         "--target-bpw", "7", "--candidate-bits", "4,x"],
+        [
+            "convert",
+            "--hf-path",
+            str(golden_dir),
+            "--mlx-path",
+            str(tmp_path / "p"),
+            "--target-bpw",
+            "7",
+            "--candidate-bits",
+            "4,x",
+        ],
         env={"COLUMNS": "300"},
     )
     assert bad.exit_code == 2
     assert "comma-separated list of integers" in bad.output
     exists = runner.invoke(
-        app, ["convert", "--hf-path", str(golden_dir), "--mlx-path", str(tmp_path / "o")],
+        app,
+        ["convert", "--hf-path", str(golden_dir), "--mlx-path", str(tmp_path / "o")],
         env={"COLUMNS": "300"},
     )
     assert exists.exit_code == 2

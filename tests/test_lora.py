@@ -226,7 +226,7 @@ def test_lora_and_fuse_commands(golden_dir, text_data, tmp_path):
     adapted, _ = mlx_lm.load(str(golden_dir), adapter_path=str(adapters))
     model, _ = mlx_lm.load(str(fused))
     ids = mx.array([PROMPT])
-    np.testing.assert_allclose(np.array(model(ids)), np.array(adapted(ids)), atol=1e-4)
+    np.testing.assert_allclose(np.array(model(ids)), np.array(adapted(ids)), rtol=1e-4, atol=1e-3)
 
 
 def test_commands_reject_bad_options(golden_dir, text_data, tmp_path):

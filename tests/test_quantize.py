@@ -1,4 +1,4 @@
-"""The quantizer's parts: modules and costs, allocation, calibration, staged forwards, sensitivities."""
+"""The quantizer's parts: modules, costs, allocation, calibration, staged forwards, KL."""
 
 import json
 
@@ -6,8 +6,6 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-
-from optiq_dhara.masks import block_causal_mask
 from optiq_dhara.quantize.allocate import allocate, hull_steps
 from optiq_dhara.quantize.calibration import load_calibration, read_calibration_text, split_tokens
 from optiq_dhara.quantize.modules import (
@@ -26,6 +24,8 @@ from optiq_dhara.quantize.sensitivity import (
     naive_forwards,
 )
 from optiq_dhara.quantize.staged import forward_from, forward_with_states
+
+from optiq_dhara.masks import block_causal_mask
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,10 @@ def test_parameter_count_and_float_bits(golden_model, modules):
     assert parameter_count(golden_model) == 110208  # inv_freq buffers excluded
     quantized = sum(m.numel for m in modules)
     inv_freq_bits = 2 * 8 * 32
-    assert float_bits(golden_model, [m.path for m in modules]) == (110208 - quantized) * 32 + inv_freq_bits
+    assert (
+        float_bits(golden_model, [m.path for m in modules])
+        == (110208 - quantized) * 32 + inv_freq_bits
+    )
 
 
 def test_candidate_and_group_size_errors_name_the_value(modules):
@@ -138,7 +141,9 @@ def test_chat_jsonl_is_rendered_through_the_template(tmp_path, golden_dir):
 
     tokenizer = load_tokenizer(golden_dir)
     chat = tmp_path / "chat.jsonl"
-    record = {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]}
+    record = {
+        "messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    }
     chat.write_text(json.dumps(record) + "\n" + json.dumps({"text": "plain words"}) + "\n")
     text, _ = read_calibration_text(chat, tokenizer)
     assert text.startswith("<|im_start|>user\nhello<|im_end|>") and text.endswith("plain words")
@@ -155,7 +160,9 @@ def test_staged_forward_equals_the_model(golden_model, tokens, block_len):
     assert len(states) == 3
     assert mx.array_equal(logits, expected).item()
     for start in range(3):
-        assert mx.array_equal(forward_from(golden_model, states[start], start, mask), expected).item()
+        assert mx.array_equal(
+            forward_from(golden_model, states[start], start, mask), expected
+        ).item()
 
 
 # sensitivities
@@ -203,8 +210,15 @@ def test_fake_quantize_matches_mlx_quantization():
 
 def test_auto_stays_within_its_forward_allowance(golden_model, modules, tokens, tmp_path):
     sens = measure_sensitivities(
-        golden_model, tokens, modules, (4, 8), 32, dtype=mx.float32,
-        budget=sum(m.stored_bits(6, 32, 32) for m in modules), scale_bits=32, block_len=16,
+        golden_model,
+        tokens,
+        modules,
+        (4, 8),
+        32,
+        dtype=mx.float32,
+        budget=sum(m.stored_bits(6, 32, 32) for m in modules),
+        scale_bits=32,
+        block_len=16,
     )
     assert sens.method == "auto"
     assert sens.naive_forwards_per_sample == naive_forwards(15, 2) == 32
@@ -222,7 +236,14 @@ def test_auto_stays_within_its_forward_allowance(golden_model, modules, tokens, 
 
 def test_exact_measures_every_module(golden_model, modules, tokens):
     sens = measure_sensitivities(
-        golden_model, tokens[:2], modules, (4, 8), 32, dtype=mx.float32, method="exact", block_len=16
+        golden_model,
+        tokens[:2],
+        modules,
+        (4, 8),
+        32,
+        dtype=mx.float32,
+        method="exact",
+        block_len=16,
     )
     assert sens.method == "exact"
     assert all(s.measured for s in sens.modules.values())
@@ -230,8 +251,14 @@ def test_exact_measures_every_module(golden_model, modules, tokens):
 
 def test_sensitivities_file_must_fit(golden_model, modules, tmp_path):
     sens = measure_sensitivities(
-        golden_model, mx.zeros((1, 8), mx.int32), modules[:1], (4, 8), 32,
-        dtype=mx.float32, method="exact", block_len=4,
+        golden_model,
+        mx.zeros((1, 8), mx.int32),
+        modules[:1],
+        (4, 8),
+        32,
+        dtype=mx.float32,
+        method="exact",
+        block_len=4,
     )
     path = tmp_path / "s.json"
     sens.save(path)
@@ -249,3 +276,46 @@ def test_sensitivities_file_must_fit(golden_model, modules, tmp_path):
     (tmp_path / "cut.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="cut.json is malformed .*'ar'"):
         load_sensitivities(tmp_path / "cut.json", modules[:1], (4, 8), 32)
+
+
+@pytest.fixture(scope="module")
+def deep_model():
+    """12 thin layers: enough modules that a tenth of the naive cost is below measuring all."""
+    from optiq_dhara.model import Model, ModelArgs
+
+    mx.random.seed(3)
+    args = ModelArgs(
+        hidden_size=64,
+        num_hidden_layers=12,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=320,
+        mask_token_id=316,
+    )
+    model = Model(args)
+    model.update({"model": {"embed_tokens": {"weight": mx.random.normal((320, 64)) * 0.5}}})
+    mx.eval(model.parameters())
+    return model
+
+
+def test_auto_reaches_the_exact_allocation_for_a_tenth_of_the_forwards(deep_model):
+    modules = quantizable_modules(deep_model)
+    tokens = mx.array(np.random.default_rng(2).integers(0, 300, size=(2, 32)))
+    budget = sum(m.stored_bits(5, 32, 32) for m in modules)  # a quarter of the modules at 8 bits
+    common = dict(dtype=mx.float32, budget=budget, scale_bits=32, block_len=16)
+    auto = measure_sensitivities(deep_model, tokens, modules, (4, 8), 32, **common)
+    exact = measure_sensitivities(deep_model, tokens, modules, (4, 8), 32, method="exact", **common)
+    assert auto.method == "auto"
+    assert auto.forwards_per_sample <= auto.naive_forwards_per_sample / 10
+    assert exact.forwards_per_sample > 5 * auto.forwards_per_sample
+
+    def true_kl(sens):
+        points = {
+            m.path: {b: (m.stored_bits(b, 32, 32), sens.kl()[m.path][b]) for b in (4, 8)}
+            for m in modules
+        }
+        plan = allocate(points, budget).bits
+        return sum(exact.kl()[path][bits] for path, bits in plan.items())
+
+    assert true_kl(auto) <= 1.1 * true_kl(exact)

@@ -32,7 +32,9 @@ def test_run_bench_on_a_small_random_model():
         vocab_size=64,
         mask_token_id=63,
     )
-    rows, ref = run_bench(model, "small", prompt_lengths=(5, 20), max_tokens=6, block_len=4, k=3)
+    rows, ref = run_bench(
+        model, "small", prompt_lengths=(5, 20), max_tokens=6, block_len=4, k=3, repeats=2
+    )
     assert [(r.mode, r.prompt_tokens) for r in rows] == [
         (m, n) for n in (5, 20) for m in ("ar", "diffusion", "spec")
     ]

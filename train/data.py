@@ -52,15 +52,20 @@ def dataset_batches(
     max_seq_length: int = 2048,
     loop: bool = False,
     seed: int = 0,
+    multiple: int = 32,
 ) -> Iterator[tuple[mx.array, mx.array]]:
-    """mlx-lm's length-sorted batches, padded with ``pad_id``; prompt and padding masked out.
+    """mlx-lm's length-sorted batches; prompt and padding masked out.
 
-    Pad with the MASK id: a noisy block that ends a record then sees MASK tokens
-    after it, as the last block does while it is decoded.
+    Rows are padded with ``pad_id`` to a ``multiple`` of tokens, so that few
+    shapes (few compilations of the training step) occur. Pad with the MASK id: a
+    noisy block that ends a record then sees MASK tokens after it, as the last
+    block does while it is decoded.
     """
     for tokens, lengths in iterate_batches(dataset, batch_size, max_seq_length, loop, seed):
-        tokens = tokens[:, : lengths[:, 1].max().item()]
-        positions = mx.arange(tokens.shape[1])[None]
+        longest = lengths[:, 1].max().item()
+        width = -(-longest // multiple) * multiple
+        tokens = mx.pad(tokens[:, :longest], [(0, 0), (0, width - longest)])
+        positions = mx.arange(width)[None]
         mask = (positions >= lengths[:, :1]) & (positions < lengths[:, 1:])
         yield mx.where(positions < lengths[:, 1:], tokens, pad_id), mask
 

@@ -152,6 +152,7 @@ def run_lora(
                 f"{Path(data_dir) / name}.jsonl has {len(split)} records, fewer than "
                 f"--batch-size {config.batch_size}."
             )
+    mx.random.seed(config.seed)  # the LoRA A matrices start random
     add_lora(model, config)
     settings = adapter_config(config, model_path)
     batches = dataset_batches(
