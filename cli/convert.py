@@ -46,23 +46,23 @@ def convert_command(
         ),
     ] = None,
     candidate_bits: Annotated[
-        Optional[str], typer.Option(help="Bits a module may get, comma-separated [default: 4,8].")
+        Optional[str], typer.Option(help="Bits a module may get, comma-separated (default: 4,8).")
     ] = None,
     group_size: Annotated[
-        Optional[int], typer.Option(help="Quantization group size: 32, 64 or 128 [default: 64].")
+        Optional[int], typer.Option(help="Quantization group size: 32, 64 or 128 (default: 64).")
     ] = None,
     calibration: Annotated[
         Optional[Path],
-        typer.Option(help="Calibration text file, or chat .jsonl [default: the shipped corpus]."),
+        typer.Option(help="Calibration text file, or chat .jsonl (default: the shipped corpus)."),
     ] = None,
     num_samples: Annotated[
-        Optional[int], typer.Option(min=1, help="Calibration sequences [default: 16].")
+        Optional[int], typer.Option(min=1, help="Calibration sequences (default: 16).")
     ] = None,
     seq_len: Annotated[
-        Optional[int], typer.Option(min=2, help="Tokens per calibration sequence [default: 256].")
+        Optional[int], typer.Option(min=2, help="Tokens per calibration sequence (default: 256).")
     ] = None,
     dtype: Annotated[
-        Optional[Dtype], typer.Option(help="Float dtype [default: config.json's torch_dtype].")
+        Optional[Dtype], typer.Option(help="Float dtype (default: config.json's torch_dtype).")
     ] = None,
     sensitivities: Annotated[
         Optional[Path], typer.Option(help="Reuse a sensitivities.json instead of measuring.")

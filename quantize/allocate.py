@@ -1,17 +1,28 @@
-"""Bits per module under a bits-per-weight budget: the most KL saved per extra bit.
+"""Bits per module under a bits-per-weight budget: the most KL saved for the extra bits.
 
-Each module starts at its cheapest candidate. Its upgrades are the steps along the
-lower convex hull of its (stored bits, KL) points, so their ratios (KL saved per
-extra bit) fall; all modules' steps are taken in order of ratio while they fit.
-This is the greedy solution of the multiple-choice knapsack, which is optimal up
-to the last step that did not fit.
+Each module starts at its cheapest candidate; choosing more bits for it costs
+extra stored bits and saves KL. Picking one choice per module to save the most
+KL within the budget is a multiple-choice knapsack, solved exactly by dynamic
+programming over the extra bits counted in units of 1/32768 of the room above
+the cheapest choice (each cost rounded up, so the result always fits); the
+greedy answer (upgrades by KL saved per bit, exact costs) is kept instead when
+it saves more. The greedy alone is not enough: a large module (the embedding is
+15% of dhara-250m) can save the most KL for the budget and still be skipped once
+smaller upgrades have used the room it needs.
+
+The cutoff reported with an allocation is the KL-per-bit ratio between the
+upgrades taken and those left; modules whose ratios lie near it are the ones
+whose choice a better sensitivity estimate could change.
 """
 
-import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from .modules import Quantizable
+
+RESOLUTION = 1 << 15
 
 
 @dataclass(frozen=True)
@@ -33,7 +44,7 @@ class Step:
 class Allocation:
     bits: dict[str, int]
     stored_bits: int  # the quantized modules' bits
-    cutoff: float  # KL saved per bit at the edge: steps above it were taken
+    cutoff: float  # KL saved per bit between the upgrades taken and those left
 
     def margin(self, steps: list[Step]) -> float:
         """How far, in log ratio, a module's steps lie from the cutoff."""
@@ -77,31 +88,77 @@ def module_points(
     }
 
 
-def allocate(points: dict[str, dict[int, tuple[int, float]]], budget: int) -> Allocation:
-    """Bits for every module whose stored bits sum to at most ``budget``."""
-    bits = {path: min(p, key=lambda b: p[b][0]) for path, p in points.items()}
-    spent = sum(points[path][b][0] for path, b in bits.items())
+def allocate(
+    points: dict[str, dict[int, tuple[int, float]]], budget: int, resolution: int = RESOLUTION
+) -> Allocation:
+    """Bits for every module, saving the most KL with stored bits summing to at most ``budget``."""
+    cheapest = {path: min(p, key=lambda b: p[b][0]) for path, p in points.items()}
+    spent = sum(points[path][b][0] for path, b in cheapest.items())
     if spent > budget:
         raise ValueError(f"the cheapest choice needs {spent} bits, over the budget of {budget}")
-    steps = {path: hull_steps(path, p) for path, p in points.items()}
-    heap = [(-s[0].ratio, path, 0) for path, s in steps.items() if s]
-    heapq.heapify(heap)
-    last_taken, first_skipped = math.inf, 0.0
-    while heap:
-        _, path, index = heapq.heappop(heap)
-        step = steps[path][index]
-        if spent + step.cost > budget:
-            first_skipped = max(first_skipped, step.ratio)
-            continue
-        spent += step.cost
-        bits[path] = step.high
-        last_taken = min(last_taken, step.ratio)
-        if index + 1 < len(steps[path]):
-            heapq.heappush(heap, (-steps[path][index + 1].ratio, path, index + 1))
-    if math.isinf(last_taken):
-        cutoff = first_skipped
-    elif first_skipped == 0:
-        cutoff = last_taken
-    else:
-        cutoff = math.sqrt(last_taken * first_skipped)
-    return Allocation(bits, spent, cutoff)
+    room = budget - spent
+    unit = max(1, math.ceil(room / resolution))
+    capacity = room // unit
+    options = {path: _upgrades(p, cheapest[path], unit) for path, p in points.items()}
+    best = np.zeros(capacity + 1)
+    picks = []
+    for path, upgrades in options.items():
+        new, pick = best.copy(), np.zeros(capacity + 1, np.int8)
+        for index, (_, weight, saved) in enumerate(upgrades, 1):
+            if weight > capacity:
+                continue
+            candidate = np.full(capacity + 1, -np.inf)
+            candidate[weight:] = best[: capacity + 1 - weight] + saved
+            better = candidate > new
+            new[better], pick[better] = candidate[better], index
+        best = new
+        picks.append((path, pick))
+    bits, left = dict(cheapest), capacity
+    for path, pick in reversed(picks):
+        if pick[left]:
+            bits[path], weight, _ = options[path][pick[left] - 1]
+            left -= weight
+    bits = max(bits, _greedy(points, cheapest, room), key=lambda b: _saved(points, cheapest, b))
+    stored = sum(points[path][b][0] for path, b in bits.items())
+    return Allocation(bits, stored, _cutoff(points, bits))
+
+
+def _saved(points, cheapest: dict[str, int], bits: dict[str, int]) -> float:
+    return sum(points[p][cheapest[p]][1] - points[p][b][1] for p, b in bits.items())
+
+
+def _greedy(points, cheapest: dict[str, int], room: int) -> dict[str, int]:
+    """Hull steps in order of KL saved per bit, while they fit (exact costs, no rounding)."""
+    bits = dict(cheapest)
+    steps = sorted(
+        (s for path, p in points.items() for s in hull_steps(path, p)),
+        key=lambda s: s.ratio,
+        reverse=True,
+    )
+    for step in steps:
+        if bits[step.path] == step.low and step.cost <= room:
+            bits[step.path] = step.high
+            room -= step.cost
+    return bits
+
+
+def _upgrades(points: dict[int, tuple[int, float]], base: int, unit: int) -> list:
+    """(bits, extra cost in units rounded up, KL saved) of each choice that saves KL."""
+    cost0, kl0 = points[base]
+    return [
+        (bits, math.ceil((cost - cost0) / unit), kl0 - kl)
+        for bits, (cost, kl) in sorted(points.items())
+        if cost > cost0 and kl < kl0
+    ]
+
+
+def _cutoff(points: dict[str, dict[int, tuple[int, float]]], bits: dict[str, int]) -> float:
+    """Geometric mean of the lowest ratio taken and the highest left, along the hulls."""
+    taken, left = [], []
+    for path, p in points.items():
+        for step in hull_steps(path, p):
+            (taken if bits[path] >= step.high else left).append(step.ratio)
+    if not taken or not left:
+        return min(taken) if taken else max(left, default=0.0)
+    low, high = min(taken), max(left)
+    return math.sqrt(max(low, 1e-300) * max(high, 1e-300))

@@ -1,5 +1,6 @@
 """The quantizer's parts: modules, costs, allocation, calibration, staged forwards, KL."""
 
+import itertools
 import json
 
 import mlx.core as mx
@@ -99,6 +100,35 @@ def test_allocation_takes_the_best_kl_per_bit_within_budget():
     assert allocate(points, 399).bits == {"a": 4, "b": 4, "c": 4}
     with pytest.raises(ValueError, match="over the budget"):
         allocate(points, 299)
+
+
+def test_allocation_takes_a_large_module_when_it_saves_more():
+    """Greedy by ratio would take the small module first and then have no room for the large one."""
+    points = {
+        "small": {4: (100, 60.0), 8: (160, 0.0)},  # 1.0 KL per extra bit
+        "large": {4: (1000, 90.0), 8: (1100, 0.0)},  # 0.9
+    }
+    plan = allocate(points, 1100 + 100)
+    assert plan.bits == {"small": 4, "large": 8}
+    assert allocate(points, 1100 + 160).bits == {"small": 8, "large": 8}
+
+
+def test_allocation_is_optimal_on_random_problems():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        points = {
+            f"m{i}": {4: (int(c), float(k)), 6: (int(c * 1.5), float(k / 16)), 8: (int(c * 2), k / 256)}
+            for i, (c, k) in enumerate(zip(rng.integers(10, 100, 6), rng.uniform(0, 1, 6)))
+        }
+        budget = int(sum(p[4][0] for p in points.values()) * 1.4)
+        plan = allocate(points, budget)
+        assert plan.stored_bits <= budget
+        best = min(
+            sum(points[p][b][1] for p, b in zip(points, choice))
+            for choice in itertools.product((4, 6, 8), repeat=6)
+            if sum(points[p][b][0] for p, b in zip(points, choice)) <= budget
+        )
+        assert sum(points[p][b][1] for p, b in plan.bits.items()) <= best + 1e-9
 
 
 # calibration
