@@ -239,3 +239,13 @@ def test_commands_reject_bad_options(golden_dir, text_data, tmp_path):
     assert result.exit_code != 0 and "num_layers 9" in result.output
     result = runner.invoke(app, ["fuse", "--model", str(golden_dir), "--adapter-path", str(tmp_path)])
     assert result.exit_code != 0 and "adapter_config.json" in result.output
+
+
+def test_same_seed_gives_the_same_adapters(golden_dir, text_data, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        run_lora(golden_dir, text_data, tmp_path / name, small_config(iters=2, spec_prompts=0),
+                 report=lambda e: None)
+        runs.append(mx.load(str(tmp_path / name / "adapters.safetensors")))
+    assert runs[0].keys() == runs[1].keys()
+    assert all(mx.array_equal(runs[0][k], runs[1][k]) for k in runs[0])
