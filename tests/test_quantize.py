@@ -117,7 +117,11 @@ def test_allocation_is_optimal_on_random_problems():
     rng = np.random.default_rng(0)
     for _ in range(20):
         points = {
-            f"m{i}": {4: (int(c), float(k)), 6: (int(c * 1.5), float(k / 16)), 8: (int(c * 2), k / 256)}
+            f"m{i}": {
+                4: (int(c), float(k)),
+                6: (int(c * 1.5), float(k / 16)),
+                8: (int(c * 2), k / 256),
+            }
             for i, (c, k) in enumerate(zip(rng.integers(10, 100, 6), rng.uniform(0, 1, 6)))
         }
         budget = int(sum(p[4][0] for p in points.values()) * 1.4)
