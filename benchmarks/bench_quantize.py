@@ -14,6 +14,7 @@ so each comparison is at equal size.
 
 import copy
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -114,6 +115,39 @@ def main(
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
 ) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
+    try:
+        results = run(
+            work,
+            model,
+            target_bpw,
+            candidate_bits,
+            group_size,
+            dtype,
+            num_samples,
+            seq_len,
+            held_out_samples,
+            exact_baseline,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(table(results))
+    if output is not None:
+        output.write_text(json.dumps(results, indent=2))
+
+
+def run(
+    work: Path,
+    model: str,
+    target_bpw: float,
+    candidate_bits: str,
+    group_size: int,
+    dtype: str,
+    num_samples: int,
+    seq_len: int,
+    held_out_samples: int,
+    exact_baseline: bool,
+) -> dict:
+    """Convert, then score the mix and the baselines; the results as a dict."""
     bits = tuple(int(b) for b in candidate_bits.split(","))
     if model == "random-250m":
         src = random_250m(work / "src")
@@ -235,9 +269,7 @@ def main(
             mix_at(target_bpw, exact), reference, data.held_out, params
         )
     results["variants"] = variants
-    print(table(results))
-    if output is not None:
-        output.write_text(json.dumps(results, indent=2))
+    return results
 
 
 def table(results: dict) -> str:
