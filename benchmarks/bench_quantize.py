@@ -10,6 +10,8 @@ so each comparison is at equal size.
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python benchmarks/bench_quantize.py --model random-250m --num-samples 4 --seq-len 128
     python benchmarks/bench_quantize.py --model trained --group-size 32 --target-bpw 5.5
+
+``--no-wide-groups`` gives the mix the baselines' group size at every bits.
 """
 
 import copy
@@ -40,7 +42,7 @@ from optiq_dhara.quantize import (
 )
 from optiq_dhara.quantize.apply import as_float32
 from optiq_dhara.quantize.budget import Budget
-from optiq_dhara.quantize.modules import parameter_count
+from optiq_dhara.quantize.modules import Grouping, parameter_count
 
 from optiq_dhara.metrics import MODES, compare
 from optiq_dhara.model import Model, ModelArgs
@@ -112,6 +114,7 @@ def main(
     seq_len: int = typer.Option(128),
     held_out_samples: int = typer.Option(4),
     exact_baseline: bool = typer.Option(True, help="Also measure every module exactly."),
+    wide_groups: bool = typer.Option(True, help="The mix stores 8-bit modules in wide groups."),
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
 ) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
@@ -127,6 +130,7 @@ def main(
             seq_len,
             held_out_samples,
             exact_baseline,
+            wide_groups,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -146,6 +150,7 @@ def run(
     seq_len: int,
     held_out_samples: int,
     exact_baseline: bool,
+    wide_groups: bool,
 ) -> dict:
     """Convert, then score the mix and the baselines; the results as a dict."""
     bits = tuple(int(b) for b in candidate_bits.split(","))
@@ -159,6 +164,7 @@ def run(
         "model": model,
         "target_bpw": target_bpw,
         "group_size": group_size,
+        "wide_groups": wide_groups,
         "candidate_bits": bits,
         "dtype": dtype,
         "num_samples": num_samples,
@@ -177,6 +183,7 @@ def run(
         num_samples=num_samples,
         seq_len=seq_len,
         held_out_samples=held_out_samples,
+        wide_groups=wide_groups,
     )
     results["convert_seconds"] = time.perf_counter() - tick
     results["convert_phases"] = report["seconds"]
@@ -197,19 +204,20 @@ def run(
         return cast(copy.deepcopy(reference), out_dtype)
 
     modules = quantizable_modules(float_model)
-    budget = Budget.of(float_model, modules, bits, group_size)
+    grouping = Grouping(group_size, 8 if wide_groups else None)
+    budget = Budget.of(float_model, modules, bits, grouping)
     sens_file = work / "mix" / "sensitivities.json"
-    auto = load_sensitivities(sens_file, modules, bits, group_size)
+    auto = load_sensitivities(sens_file, modules, bits, grouping)
 
     def mix_at(target: float, sens) -> nn.Module:
-        points = module_points(modules, sens.kl(), bits, group_size, budget.scale_bits)
+        points = module_points(modules, sens.kl(), bits, grouping, budget.scale_bits)
         plan = allocate(points, budget.for_modules(target)).bits
-        return quantize_to_plan(fresh(), plan, group_size)
+        return quantize_to_plan(fresh(), plan, grouping.sizes(modules, plan))
 
     variants: dict[str, dict] = {}
     variants["mix"] = score(mix_at(target_bpw, auto), reference, data.held_out, params)
     variants["uniform 4-bit"] = score(
-        quantize_to_plan(fresh(), {m.path: 4 for m in modules}, group_size),
+        quantize_to_plan(fresh(), {m.path: 4 for m in modules}, {m.path: group_size for m in modules}),
         reference,
         data.held_out,
         params,
@@ -254,7 +262,7 @@ def run(
             data.calibration,
             modules,
             bits,
-            group_size,
+            grouping,
             dtype=out_dtype,
             budget=budget.for_modules(target_bpw),
             scale_bits=budget.scale_bits,
@@ -275,7 +283,8 @@ def run(
 def table(results: dict) -> str:
     lines = [
         f"{results['model']}: target {results['target_bpw']} bpw, candidates "
-        f"{'/'.join(map(str, results['candidate_bits']))}, group size {results['group_size']}, "
+        f"{'/'.join(map(str, results['candidate_bits']))}, group size {results['group_size']}"
+        f"{' (8-bit modules in wide groups)' if results['wide_groups'] else ''}, "
         f"{results['num_samples']} x {results['seq_len']} calibration tokens; convert "
         f"{results['convert_seconds']:.0f} s; sensitivities "
         f"{results['report']['sensitivity']['forwards_per_sample']:.1f} forwards/sample "

@@ -71,6 +71,13 @@ def convert_command(
         Method,
         typer.Option(help="auto: estimate, measure exactly near the cut; exact: measure all."),
     ] = Method.auto,
+    wide_groups: Annotated[
+        bool,
+        typer.Option(
+            help="Store 8-bit modules in the widest group size (up to 128) their rows allow; "
+            "the bits saved on scales go to upgrading other modules."
+        ),
+    ] = True,
     force: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
 ) -> None:
     """Convert a dhara checkpoint; with --target-bpw, a KL-sensitivity mix of candidate bits."""
@@ -90,6 +97,7 @@ def convert_command(
             sensitivities=sensitivities,
             force=force,
             sensitivity_method=sensitivity_method.value,
+            wide_groups=wide_groups,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc

@@ -30,6 +30,7 @@ from optiq_dhara.quantize.apply import (
 from optiq_dhara.quantize.budget import Budget
 from optiq_dhara.quantize.calibration import load_calibration
 from optiq_dhara.quantize.modules import (
+    Grouping,
     Quantizable,
     check_candidates,
     check_group_size,
@@ -74,12 +75,15 @@ def convert(
     block_len: int = 32,
     seed: int = 0,
     revision: Optional[str] = None,
+    wide_groups: bool = True,
 ) -> dict:
     """Convert ``hf_path`` (directory or Hub id) into ``mlx_path``; returns the report.
 
     Raises ValueError, naming the offending input, for a bad source, destination,
     budget, candidate bits, group size or calibration file. ``mlx_path`` is
     written atomically and an existing one is replaced only with ``force``.
+    ``wide_groups`` stores 8-bit modules in the widest group size their rows
+    allow (``Grouping``); without it every module takes ``group_size``.
     """
     started = time.perf_counter()
     dst = Path(mlx_path)
@@ -122,7 +126,8 @@ def convert(
 
     modules = quantizable_modules(model)
     check_group_size(modules, group_size)
-    budget = Budget.of(model, modules, bits, group_size)
+    grouping = Grouping(group_size, 8 if wide_groups else None)
+    budget = Budget.of(model, modules, bits, grouping)
     budget.check(target_bpw)
     data = load_calibration(
         source.tokenizer,
@@ -135,14 +140,14 @@ def convert(
     seconds = {}
     tick = time.perf_counter()
     if sensitivities is not None:
-        sens = load_sensitivities(Path(sensitivities), modules, bits, group_size)
+        sens = load_sensitivities(Path(sensitivities), modules, bits, grouping)
     else:
         sens = measure_sensitivities(
             reference,
             data.calibration,
             modules,
             bits,
-            group_size,
+            grouping,
             dtype=out_dtype,
             budget=budget.for_modules(target_bpw),
             scale_bits=budget.scale_bits,
@@ -152,21 +157,22 @@ def convert(
         )
     seconds["sensitivities"] = time.perf_counter() - tick
 
-    points = module_points(modules, sens.kl(), bits, group_size, budget.scale_bits)
+    points = module_points(modules, sens.kl(), bits, grouping, budget.scale_bits)
     plan = allocate(points, budget.for_modules(target_bpw)).bits
-    quantize_to_plan(model, plan, group_size)
-    config["quantization"] = quantization_config(plan, group_size)
+    group_sizes = grouping.sizes(modules, plan)
+    quantize_to_plan(model, plan, group_sizes)
+    config["quantization"] = quantization_config(plan, group_sizes)
 
     with atomic_directory(dst, force) as tmp:
         tick = time.perf_counter()
         _write(tmp, model, config, source)
-        achieved = _verify(tmp, modules, plan, group_size, budget, target_bpw)
+        achieved = _verify(tmp, modules, plan, group_sizes, budget, target_bpw)
         seconds["write"] = time.perf_counter() - tick
         tick = time.perf_counter()
         variants: dict[str, Callable[[], nn.Module]] = {
             "mix": lambda: as_float32(load_model(tmp)[0]),
-            "uniform_4": lambda: _uniform(reference, modules, 4, group_size, out_dtype),
-            "uniform_8": lambda: _uniform(reference, modules, 8, group_size, out_dtype),
+            "uniform_4": lambda: _uniform(reference, modules, 4, grouping, out_dtype),
+            "uniform_8": lambda: _uniform(reference, modules, 8, grouping, out_dtype),
         }
         held_out = evaluate_variants(
             reference, variants, data.held_out, block_len=block_len, seed=seed
@@ -181,12 +187,12 @@ def convert(
             "achieved_bpw": achieved,
             "size_mb": stored_bytes(tmp) / 1e6,
             "parameters": budget.parameters,
-            "group_size": group_size,
+            **grouping.as_dict(),
             "candidate_bits": list(bits),
             "modules_per_bits": {
                 str(b): sum(v == b for v in plan.values()) for b in sorted(set(plan.values()))
             },
-            "layers": _layers(modules, plan, group_size, sens),
+            "layers": _layers(modules, plan, group_sizes, sens),
             "sensitivity": {
                 k: v for k, v in sens.as_dict().items() if k not in ("modules", "format")
             },
@@ -220,13 +226,13 @@ def _verify(
     tmp: Path,
     modules: list[Quantizable],
     plan: dict[str, int],
-    group_size: int,
+    group_sizes: dict[str, int],
     budget: Budget,
     target_bpw: float,
 ) -> float:
     """The written files carry exactly the plan and fit the budget; returns the achieved bpw."""
     written = stored_plan(tmp, {m.path: m.shape[1] for m in modules})
-    expected = {path: (bits, group_size) for path, bits in plan.items()}
+    expected = {path: (bits, group_sizes[path]) for path, bits in plan.items()}
     if written != expected:
         odd = sorted(p for p in set(written) | set(expected) if written.get(p) != expected.get(p))
         raise RuntimeError(
@@ -247,21 +253,22 @@ def _verify(
     return achieved
 
 
-def _uniform(reference: nn.Module, modules: list[Quantizable], bits: int, group_size: int, dtype):
+def _uniform(reference: nn.Module, modules: list[Quantizable], bits: int, grouping: Grouping, dtype):
     model = cast(copy.deepcopy(reference), dtype)
-    quantize_to_plan(model, {m.path: bits for m in modules}, group_size)
+    plan = {m.path: bits for m in modules}
+    quantize_to_plan(model, plan, grouping.sizes(modules, plan))
     return as_float32(model)
 
 
 def _layers(
-    modules: list[Quantizable], plan: dict[str, int], group_size: int, sens: Sensitivities
+    modules: list[Quantizable], plan: dict[str, int], group_sizes: dict[str, int], sens: Sensitivities
 ) -> dict:
     """Per module: its bits, group size, KL at each candidate, and whether that was measured."""
     kl = sens.kl()
     return {
         m.path: {
             "bits": plan[m.path],
-            "group_size": group_size,
+            "group_size": group_sizes[m.path],
             "sensitivity": {str(b): v for b, v in kl[m.path].items()},
             "measured": sens.modules[m.path].measured,
         }

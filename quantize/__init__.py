@@ -3,12 +3,13 @@
 from .allocate import Allocation, allocate, hull_steps, module_points
 from .apply import quantization_config, quantize_to_plan, stored_bytes, stored_plan
 from .calibration import CalibrationData, load_calibration
-from .modules import Quantizable, quantizable_modules
+from .modules import Grouping, Quantizable, quantizable_modules
 from .sensitivity import Sensitivities, load_sensitivities, measure_sensitivities
 
 __all__ = [
     "Allocation",
     "CalibrationData",
+    "Grouping",
     "Quantizable",
     "Sensitivities",
     "allocate",

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .modules import Quantizable
+from .modules import Grouping, Quantizable
 
 RESOLUTION = 1 << 15
 
@@ -76,13 +76,14 @@ def module_points(
     modules: list[Quantizable],
     kl: dict[str, dict[int, float]],
     candidate_bits: tuple[int, ...],
-    group_size: int,
+    grouping: Grouping,
     scale_bits: int,
 ) -> dict[str, dict[int, tuple[int, float]]]:
     """(stored bits, KL) of every module at every candidate."""
     return {
         m.path: {
-            b: (m.stored_bits(b, group_size, scale_bits), kl[m.path][b]) for b in candidate_bits
+            b: (m.stored_bits(b, grouping.of(m, b), scale_bits), kl[m.path][b])
+            for b in candidate_bits
         }
         for m in modules
     }

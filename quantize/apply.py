@@ -15,8 +15,10 @@ from mlx.utils import tree_flatten, tree_map
 MODE = "affine"
 
 
-def quantize_to_plan(model: nn.Module, plan: dict[str, int], group_size: int) -> nn.Module:
-    """Quantize, in place, each module named in ``plan`` to its bits."""
+def quantize_to_plan(
+    model: nn.Module, plan: dict[str, int], group_sizes: dict[str, int]
+) -> nn.Module:
+    """Quantize, in place, each module named in ``plan`` to its bits and group size."""
     unknown = set(plan) - {path for path, _ in model.named_modules()}
     if unknown:
         raise ValueError(f"the plan names modules the model lacks: {sorted(unknown)[:3]}")
@@ -24,17 +26,17 @@ def quantize_to_plan(model: nn.Module, plan: dict[str, int], group_size: int) ->
     def predicate(path: str, module: nn.Module):
         if path not in plan:
             return False
-        return {"group_size": group_size, "bits": plan[path], "mode": MODE}
+        return {"group_size": group_sizes[path], "bits": plan[path], "mode": MODE}
 
     nn.quantize(model, class_predicate=predicate)
     return model
 
 
-def quantization_config(plan: dict[str, int], group_size: int) -> dict:
+def quantization_config(plan: dict[str, int], group_sizes: dict[str, int]) -> dict:
     """The ``"quantization"`` entry of config.json: a default and one entry per module."""
-    config = {"group_size": group_size, "bits": min(plan.values()), "mode": MODE}
+    config = {"group_size": min(group_sizes.values()), "bits": min(plan.values()), "mode": MODE}
     for path, bits in sorted(plan.items()):
-        config[path] = {"group_size": group_size, "bits": bits, "mode": MODE}
+        config[path] = {"group_size": group_sizes[path], "bits": bits, "mode": MODE}
     return config
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import mlx.nn as nn
 
-from .modules import Quantizable, float_bits, parameter_count, scale_bits
+from .modules import Grouping, Quantizable, float_bits, parameter_count, scale_bits
 
 
 @dataclass(frozen=True)
@@ -23,15 +23,15 @@ class Budget:
 
     @classmethod
     def of(
-        cls, model: nn.Module, modules: list[Quantizable], bits: tuple[int, ...], group_size: int
+        cls, model: nn.Module, modules: list[Quantizable], bits: tuple[int, ...], grouping: Grouping
     ) -> "Budget":
         sb = scale_bits(model)
         return cls(
             parameters=parameter_count(model),
             fixed=float_bits(model, [m.path for m in modules]),
             scale_bits=sb,
-            low=sum(m.stored_bits(bits[0], group_size, sb) for m in modules),
-            high=sum(m.stored_bits(bits[-1], group_size, sb) for m in modules),
+            low=sum(m.stored_bits(bits[0], grouping.of(m, bits[0]), sb) for m in modules),
+            high=sum(m.stored_bits(bits[-1], grouping.of(m, bits[-1]), sb) for m in modules),
         )
 
     def bpw(self, module_bits: int) -> float:

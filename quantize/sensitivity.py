@@ -10,7 +10,8 @@ forwards per sample. Two things make it cheaper:
 - reuse: the float residual stream entering every layer is kept, so quantizing
   a module of layer i only reruns layers i.. (``staged``);
 - estimate, then measure where it decides (method ``"auto"``): one backward per
-  sample and mode, with labels sampled from the float model, gives the diagonal
+  sample and mode (per n-th sample where the whole allowance is only a few
+  forwards, as on tiny models), with labels sampled from the float model, gives the diagonal
   Fisher information F of every weight, and KL ~ 0.5 * sum(F * dW^2) / positions
   for the quantization error dW at any bits. The estimates are corrected per
   module kind by the exact measurements and only the modules nearest the
@@ -43,14 +44,13 @@ from optiq_dhara.metrics import (
 )
 
 from .allocate import allocate, hull_steps, module_points
-from .modules import Quantizable
+from .modules import Grouping, Quantizable
 from .staged import ForwardCount, forward_from, forward_with_states, head
 
 Method = Literal["auto", "exact"]
 METHODS = ("auto", "exact")
 FORMAT = "optiq-dhara sensitivities v1"
 TINY = 1e-30  # KL floor: keeps ratios finite
-ESTIMATE_COST = 3 * len(MODES)  # a forward and a backward per sample and mode
 
 
 def fake_quantize(weight: mx.array, bits: int, group_size: int, dtype: mx.Dtype) -> mx.array:
@@ -88,7 +88,7 @@ class Sensitivities:
 
     modules: dict[str, Sensitivity]
     candidate_bits: tuple[int, ...]
-    group_size: int
+    grouping: Grouping
     method: str
     num_samples: int
     seq_len: int
@@ -105,7 +105,7 @@ class Sensitivities:
             "kl": "mean KL(float || one module quantized) per scored position, "
             "AR and diffusion averaged",
             "candidate_bits": list(self.candidate_bits),
-            "group_size": self.group_size,
+            **self.grouping.as_dict(),
             "method": self.method,
             "num_samples": self.num_samples,
             "seq_len": self.seq_len,
@@ -121,7 +121,7 @@ class Sensitivities:
 
 
 def load_sensitivities(
-    path: Path, modules: list[Quantizable], candidate_bits: tuple[int, ...], group_size: int
+    path: Path, modules: list[Quantizable], candidate_bits: tuple[int, ...], grouping: Grouping
 ) -> Sensitivities:
     """Read a sensitivities JSON and check it fits this model and these choices."""
     path = Path(path)
@@ -132,7 +132,7 @@ def load_sensitivities(
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"sensitivities file {path} is not a {FORMAT!r} file")
     try:
-        return _from_dict(data, path, modules, candidate_bits, group_size)
+        return _from_dict(data, path, modules, candidate_bits, grouping)
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"sensitivities file {path} is malformed (bad or missing {e})") from e
 
@@ -142,12 +142,18 @@ def _from_dict(
     path: Path,
     modules: list[Quantizable],
     candidate_bits: tuple[int, ...],
-    group_size: int,
+    grouping: Grouping,
 ) -> Sensitivities:
-    if data["group_size"] != group_size:
+    if data["group_size"] != grouping.size:
         raise ValueError(
             f"sensitivities file {path} was measured at group size {data['group_size']}, "
-            f"not {group_size}: pass --group-size {data['group_size']} or measure again"
+            f"not {grouping.size}: pass --group-size {data['group_size']} or measure again"
+        )
+    if data["wide_group_bits"] != grouping.wide_bits:
+        raise ValueError(
+            f"sensitivities file {path} was measured with wide groups from "
+            f"{data['wide_group_bits']} bits, not {grouping.wide_bits}: convert with the "
+            "same --wide-groups choice or measure again"
         )
     missing_bits = sorted(set(candidate_bits) - set(data["candidate_bits"]))
     if missing_bits:
@@ -173,7 +179,7 @@ def _from_dict(
     return Sensitivities(
         sens,
         candidate_bits,
-        group_size,
+        grouping,
         data["method"],
         data["num_samples"],
         data["seq_len"],
@@ -196,14 +202,14 @@ class Calibrator:
         tokens: mx.array,
         *,
         dtype: mx.Dtype,
-        group_size: int,
+        grouping: Grouping,
         block_len: int = 32,
         batch_size: int = 4,
         seed: int = 0,
     ):
         self.model = model
         self.dtype = dtype
-        self.group_size = group_size
+        self.grouping = grouping
         self.mask_id = model.args.mask_token_id
         self.samples = tokens.shape[0]
         self.count = ForwardCount(len(model.layers))
@@ -232,40 +238,47 @@ class Calibrator:
                 self._keep(mode, scored_log_probs(logits, scoring, self.mask_id), states)
                 self.count.forward(0, scoring.inputs.shape[0])
 
-    def capture_with_fisher(self, modules: list[Quantizable], seed: int = 0) -> dict:
+    def capture_with_fisher(self, modules: list[Quantizable], every: int = 1, seed: int = 0) -> dict:
         """The float forwards, plus the diagonal Fisher of each module's weight per mode.
 
-        One backward per sample of the log-likelihood of labels drawn from the
-        float model at the scored positions; the squared gradient estimates the
-        Fisher information (its expectation over the labels), divided here by
-        the mode's scored positions.
+        One backward, for every ``every``-th sample, of the log-likelihood of
+        labels drawn from the float model at the scored positions; the squared
+        gradient estimates the Fisher information (its expectation over the
+        labels), divided here by the scored positions of those samples.
         """
         key = mx.random.key(seed)
         fisher = {}
         bar = tqdm(total=self.samples * len(MODES), desc="Float forwards + Fisher", leave=False)
         for mode in MODES:
             total = {m.path: mx.zeros(m.shape, mx.float32) for m in modules}
+            positions, sample = 0, 0
             for scoring in self.batches[mode]:
                 parts, states_parts = [], []
                 for row in range(scoring.inputs.shape[0]):
-                    key, sub = mx.random.split(key)
                     one = _row(scoring, row)
-                    (_, (lp, states)), grads = nn.value_and_grad(self.model, self._loglik)(one, sub)
-                    grads = dict(tree_flatten(grads))
-                    for m in modules:
-                        total[m.path] = total[m.path] + grads[f"{m.path}.weight"].square()
+                    if sample % every:
+                        logits, states = forward_with_states(self.model, one.inputs, one.mask)
+                        lp = scored_log_probs(logits, one, self.mask_id)
+                    else:
+                        key, sub = mx.random.split(key)
+                        (_, (lp, states)), grads = nn.value_and_grad(self.model, self._loglik)(one, sub)
+                        grads = dict(tree_flatten(grads))
+                        for m in modules:
+                            total[m.path] = total[m.path] + grads[f"{m.path}.weight"].square()
+                        positions += one.size
+                        self.count.backward()
                     mx.eval(lp, states, total)
                     parts.append(lp)
                     states_parts.append(states)
                     self.count.forward(0)
-                    self.count.backward()
+                    sample += 1
                     bar.update()
                 self._keep(
                     mode,
                     mx.concatenate(parts),
                     [mx.concatenate(s) for s in zip(*states_parts)],
                 )
-            fisher[mode] = {p: f / self.positions[mode] for p, f in total.items()}
+            fisher[mode] = {p: f / max(positions, 1) for p, f in total.items()}
         bar.close()
         return fisher
 
@@ -286,7 +299,7 @@ class Calibrator:
         """Mean KL per mode with ``module`` alone quantized to ``bits``."""
         target = self.modules[module.path]
         weight = target.weight
-        target.weight = fake_quantize(weight, bits, self.group_size, self.dtype)
+        target.weight = fake_quantize(weight, bits, self.grouping.of(module, bits), self.dtype)
         try:
             return {mode: self._kl_from(module, mode) for mode in MODES}
         finally:
@@ -317,7 +330,8 @@ class Calibrator:
 
     def estimated_kl(self, fisher: dict, module: Quantizable, bits: int) -> dict[str, float]:
         weight = self.modules[module.path].weight
-        error = (fake_quantize(weight, bits, self.group_size, self.dtype) - weight).square()
+        stored = fake_quantize(weight, bits, self.grouping.of(module, bits), self.dtype)
+        error = (stored - weight).square()
         return {mode: 0.5 * (fisher[mode][module.path] * error).sum().item() for mode in MODES}
 
 
@@ -332,6 +346,15 @@ def _row(scoring: Scoring, row: int) -> Scoring:
         mx.array(flat[keep] - row * length),
         scoring.targets[mx.array(keep)],
     )
+
+
+def fisher_stride(allowance: float, samples: int) -> int:
+    """Take the Fisher backward (2 forward units) on every n-th sample, n the smallest
+    that keeps the float forwards and backwards within half of ``allowance``."""
+    per_mode = allowance / 2 / len(MODES)
+    if per_mode <= 1:
+        return samples
+    return min(samples, max(1, math.ceil(2 / (per_mode - 1))))
 
 
 def naive_forwards(modules: int, candidates: int) -> float:
@@ -416,7 +439,7 @@ class Refinement:
 def refine(
     calib: Calibrator,
     refinement: Refinement,
-    group_size: int,
+    grouping: Grouping,
     scale_bits: int,
     budget: int,
     allowance: float,
@@ -433,7 +456,7 @@ def refine(
     )
     while True:
         kl = {p: s.kl for p, s in refinement.sensitivities().items()}
-        points = module_points(modules, kl, refinement.bits, group_size, scale_bits)
+        points = module_points(modules, kl, refinement.bits, grouping, scale_bits)
         plan = allocate(points, budget)
         margins = {
             m.path: plan.margin(hull_steps(m.path, points[m.path]))
@@ -461,7 +484,7 @@ def measure_sensitivities(
     tokens: mx.array,
     modules: list[Quantizable],
     candidate_bits: tuple[int, ...],
-    group_size: int,
+    grouping: Grouping,
     *,
     dtype: mx.Dtype,
     budget: Optional[int] = None,
@@ -476,8 +499,9 @@ def measure_sensitivities(
 
     ``budget`` (stored bits of the quantized modules) lets ``"auto"`` measure
     exactly the modules where the allocation under that budget is decided; it
-    spends at most ``forward_fraction`` of the naive cost (or twice the
-    estimate's cost, if more), and measures everything when that is no dearer.
+    spends at most ``forward_fraction`` of the naive cost (the estimate from a
+    subset of the samples when the whole would take over half of that), and
+    measures everything when that is no dearer.
     """
     if method not in METHODS:
         raise ValueError(f"sensitivity method {method!r} is not one of {', '.join(METHODS)}")
@@ -485,7 +509,7 @@ def measure_sensitivities(
         model,
         tokens,
         dtype=dtype,
-        group_size=group_size,
+        grouping=grouping,
         block_len=block_len,
         batch_size=batch_size,
         seed=seed,
@@ -493,7 +517,7 @@ def measure_sensitivities(
     samples = tokens.shape[0]
     naive = naive_forwards(len(modules), len(candidate_bits))
     exact_all = len(MODES) + sum(calib.exact_cost(m, len(candidate_bits)) for m in modules)
-    allowance = max(forward_fraction * naive, 2 * ESTIMATE_COST)
+    allowance = forward_fraction * naive
     if method == "auto" and (budget is None or exact_all <= allowance):
         method = "exact"
 
@@ -505,19 +529,19 @@ def measure_sensitivities(
             sens[m.path] = Sensitivity({mode: {b: kl[b][mode] for b in kl} for mode in MODES}, True)
         extra = {}
     else:
-        fisher = calib.capture_with_fisher(modules, seed)
+        fisher = calib.capture_with_fisher(modules, fisher_stride(allowance, samples), seed)
         estimates = {
             m.path: {b: calib.estimated_kl(fisher, m, b) for b in candidate_bits} for m in modules
         }
         del fisher
         refinement = Refinement({m.path: m for m in modules}, estimates, candidate_bits)
         spent = calib.count.units / samples
-        refine(calib, refinement, group_size, scale_bits, budget, allowance - spent)
+        refine(calib, refinement, grouping, scale_bits, budget, allowance - spent)
         sens, extra = refinement.sensitivities(), refinement.summary()
     return Sensitivities(
         sens,
         candidate_bits,
-        group_size,
+        grouping,
         method,
         samples,
         tokens.shape[1],

@@ -41,11 +41,22 @@ def test_stock_load_gives_each_module_the_reported_bits(mixed):
     }
     assert quantized == expected
     assert {bits for bits, _ in quantized.values()} == {4, 8}
+    for path, (bits, group) in quantized.items():  # 8 bits: the widest group the rows allow
+        assert group == (64 if bits == 8 and "down_proj" not in path else 32), path
     config = json.loads((dst / "config.json").read_text())
     for path, layer in report["layers"].items():
         assert config["quantization"][path]["bits"] == layer["bits"]
     counts = report["modules_per_bits"]
     assert counts["4"] + counts["8"] == 15
+
+
+def test_without_wide_groups_every_module_keeps_the_group_size(golden_dir, tmp_path):
+    report = convert(
+        str(golden_dir), tmp_path / "out", target_bpw=TARGET, group_size=32, dtype="bfloat16",
+        wide_groups=False, **SMALL,
+    )
+    assert {layer["group_size"] for layer in report["layers"].values()} == {32}
+    assert report["wide_group_bits"] is None and report["achieved_bpw"] <= TARGET
 
 
 def test_canon_norms_and_rope_stay_float(mixed):
@@ -284,7 +295,7 @@ def test_a_config_that_does_not_match_the_weights_is_caught(golden_dir, tmp_path
     """The known defect of an existing tool: the config says uniform bits, the mix is lost."""
     honest = pipeline.quantization_config
     monkeypatch.setattr(
-        pipeline, "quantization_config", lambda plan, size: honest(dict.fromkeys(plan, 4), size)
+        pipeline, "quantization_config", lambda plan, sizes: honest(dict.fromkeys(plan, 4), sizes)
     )
     with pytest.raises(RuntimeError, match="does not load with mlx_lm"):
         convert(

@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten
 from optiq_dhara.quantize.allocate import allocate, hull_steps
 from optiq_dhara.quantize.calibration import load_calibration, read_calibration_text, split_tokens
 from optiq_dhara.quantize.modules import (
+    Grouping,
     Quantizable,
     check_candidates,
     check_group_size,
@@ -20,6 +21,7 @@ from optiq_dhara.quantize.modules import (
 from optiq_dhara.quantize.sensitivity import (
     Calibrator,
     fake_quantize,
+    fisher_stride,
     load_sensitivities,
     measure_sensitivities,
     naive_forwards,
@@ -27,6 +29,8 @@ from optiq_dhara.quantize.sensitivity import (
 from optiq_dhara.quantize.staged import forward_from, forward_with_states
 
 from optiq_dhara.masks import block_causal_mask
+
+UNIFORM = Grouping(32, None)  # group size 32 at every bits
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,25 @@ def test_quantizable_modules_are_the_linears_and_the_embedding(modules):
 def test_stored_bits_count_weights_scales_and_biases():
     m = Quantizable("x", (8, 128), 0)
     assert m.stored_bits(4, 64, 16) == 8 * 128 * 4 + 2 * 16 * 16
+
+
+def test_grouping_widens_only_high_bits_and_only_where_rows_divide():
+    narrow, wide = Quantizable("a", (8, 352), 0), Quantizable("b", (8, 192), 0)
+    grouping = Grouping(32)
+    assert [grouping.of(narrow, b) for b in (4, 6, 8)] == [32, 32, 32]  # 352 = 11 x 32
+    assert [grouping.of(wide, b) for b in (4, 6, 8)] == [32, 32, 64]
+    assert Grouping(32).of(Quantizable("c", (8, 256), 0), 8) == 128
+    assert Grouping(32, None).of(Quantizable("c", (8, 256), 0), 8) == 32
+    assert grouping.sizes([narrow, wide], {"a": 8, "b": 4}) == {"a": 32, "b": 32}
+
+
+def test_fisher_stride_keeps_the_estimate_within_half_the_allowance():
+    assert fisher_stride(45.2, 4) == 1  # a big model: every sample
+    assert fisher_stride(6.0, 16) == 4  # 2 x (1 + 2 / 4) = 3 forwards per sample
+    assert fisher_stride(3.2, 16) == 16  # the float forwards alone take half: one sample
+    for allowance in (5.0, 6.0, 9.0, 13.0):
+        stride = fisher_stride(allowance, 64)
+        assert 2 * (1 + 2 / stride) <= allowance / 2 + 1e-9
 
 
 def test_parameter_count_and_float_bits(golden_model, modules):
@@ -204,7 +227,7 @@ def test_staged_forward_equals_the_model(golden_model, tokens, block_len):
 
 @pytest.fixture(scope="module")
 def calibrator(golden_model, modules, tokens):
-    calib = Calibrator(golden_model, tokens, dtype=mx.float32, group_size=32, block_len=16)
+    calib = Calibrator(golden_model, tokens, dtype=mx.float32, grouping=UNIFORM, block_len=16)
     fisher = calib.capture_with_fisher(modules)
     return calib, fisher
 
@@ -248,22 +271,23 @@ def test_auto_stays_within_its_forward_allowance(golden_model, modules, tokens, 
         tokens,
         modules,
         (4, 8),
-        32,
+        UNIFORM,
         dtype=mx.float32,
         budget=sum(m.stored_bits(6, 32, 32) for m in modules),
         scale_bits=32,
         block_len=16,
+        forward_fraction=0.25,
     )
     assert sens.method == "auto"
     assert sens.naive_forwards_per_sample == naive_forwards(15, 2) == 32
-    assert sens.forwards_per_sample <= 12 + 1e-9
+    assert sens.forwards_per_sample <= 0.25 * 32 + 1e-9
     measured = [p for p, s in sens.modules.items() if s.measured]
     assert 0 < len(measured) < len(modules)
     for s in sens.modules.values():
         assert s.kl[4] > s.kl[8] > 0
     path = tmp_path / "sens.json"
     sens.save(path)
-    again = load_sensitivities(path, modules, (4, 8), 32)
+    again = load_sensitivities(path, modules, (4, 8), UNIFORM)
     assert again.kl() == sens.kl()
     assert again.extra["reused_from"] == str(path)
 
@@ -274,7 +298,7 @@ def test_exact_measures_every_module(golden_model, modules, tokens):
         tokens[:2],
         modules,
         (4, 8),
-        32,
+        UNIFORM,
         dtype=mx.float32,
         method="exact",
         block_len=16,
@@ -289,7 +313,7 @@ def test_sensitivities_file_must_fit(golden_model, modules, tmp_path):
         mx.zeros((1, 8), mx.int32),
         modules[:1],
         (4, 8),
-        32,
+        UNIFORM,
         dtype=mx.float32,
         method="exact",
         block_len=4,
@@ -297,19 +321,21 @@ def test_sensitivities_file_must_fit(golden_model, modules, tmp_path):
     path = tmp_path / "s.json"
     sens.save(path)
     with pytest.raises(ValueError, match="group size 32, not 64"):
-        load_sensitivities(path, modules[:1], (4, 8), 64)
+        load_sensitivities(path, modules[:1], (4, 8), Grouping(64, None))
+    with pytest.raises(ValueError, match="wide groups from None bits, not 8"):
+        load_sensitivities(path, modules[:1], (4, 8), Grouping(32))
     with pytest.raises(ValueError, match=r"no KL for bits \[6\]"):
-        load_sensitivities(path, modules[:1], (4, 6, 8), 32)
+        load_sensitivities(path, modules[:1], (4, 6, 8), UNIFORM)
     with pytest.raises(ValueError, match="another model"):
-        load_sensitivities(path, modules, (4, 8), 32)
+        load_sensitivities(path, modules, (4, 8), UNIFORM)
     (tmp_path / "junk.json").write_text("{}")
     with pytest.raises(ValueError, match="junk.json is not"):
-        load_sensitivities(tmp_path / "junk.json", modules, (4, 8), 32)
+        load_sensitivities(tmp_path / "junk.json", modules, (4, 8), UNIFORM)
     data = json.loads(path.read_text())
     del data["modules"]["model.embed_tokens"]["ar"]
     (tmp_path / "cut.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="cut.json is malformed .*'ar'"):
-        load_sensitivities(tmp_path / "cut.json", modules[:1], (4, 8), 32)
+        load_sensitivities(tmp_path / "cut.json", modules[:1], (4, 8), UNIFORM)
 
 
 @pytest.fixture(scope="module")
@@ -338,8 +364,8 @@ def test_auto_reaches_the_exact_allocation_for_a_tenth_of_the_forwards(deep_mode
     tokens = mx.array(np.random.default_rng(2).integers(0, 300, size=(2, 32)))
     budget = sum(m.stored_bits(5, 32, 32) for m in modules)  # a quarter of the modules at 8 bits
     common = dict(dtype=mx.float32, budget=budget, scale_bits=32, block_len=16)
-    auto = measure_sensitivities(deep_model, tokens, modules, (4, 8), 32, **common)
-    exact = measure_sensitivities(deep_model, tokens, modules, (4, 8), 32, method="exact", **common)
+    auto = measure_sensitivities(deep_model, tokens, modules, (4, 8), UNIFORM, **common)
+    exact = measure_sensitivities(deep_model, tokens, modules, (4, 8), UNIFORM, method="exact", **common)
     assert auto.method == "auto"
     assert auto.forwards_per_sample <= auto.naive_forwards_per_sample / 10
     assert exact.forwards_per_sample > 5 * auto.forwards_per_sample
