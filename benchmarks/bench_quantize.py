@@ -115,6 +115,9 @@ def main(
     held_out_samples: int = typer.Option(4),
     exact_baseline: bool = typer.Option(True, help="Also measure every module exactly."),
     wide_groups: bool = typer.Option(True, help="The mix stores 8-bit modules in wide groups."),
+    calibration: Optional[Path] = typer.Option(
+        None, help="Calibration and held-out text (default: the shipped corpus)."
+    ),
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
 ) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
@@ -131,6 +134,7 @@ def main(
             held_out_samples,
             exact_baseline,
             wide_groups,
+            calibration,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -151,6 +155,7 @@ def run(
     held_out_samples: int,
     exact_baseline: bool,
     wide_groups: bool,
+    calibration: Optional[Path] = None,
 ) -> dict:
     """Convert, then score the mix and the baselines; the results as a dict."""
     bits = tuple(int(b) for b in candidate_bits.split(","))
@@ -165,6 +170,7 @@ def run(
         "target_bpw": target_bpw,
         "group_size": group_size,
         "wide_groups": wide_groups,
+        "calibration": str(calibration or "shipped corpus"),
         "candidate_bits": bits,
         "dtype": dtype,
         "num_samples": num_samples,
@@ -184,6 +190,7 @@ def run(
         seq_len=seq_len,
         held_out_samples=held_out_samples,
         wide_groups=wide_groups,
+        calibration=calibration,
     )
     results["convert_seconds"] = time.perf_counter() - tick
     results["convert_phases"] = report["seconds"]
@@ -196,7 +203,7 @@ def run(
     out_dtype = getattr(mx, dtype)
     float_model = cast(float_model, out_dtype)
     params = parameter_count(float_model)
-    data = load_calibration(tokenizer, None, num_samples, seq_len, held_out_samples)
+    data = load_calibration(tokenizer, calibration, num_samples, seq_len, held_out_samples)
     reference = as_float32(copy.deepcopy(float_model))
 
     def fresh() -> nn.Module:
@@ -285,7 +292,8 @@ def table(results: dict) -> str:
         f"{results['model']}: target {results['target_bpw']} bpw, candidates "
         f"{'/'.join(map(str, results['candidate_bits']))}, group size {results['group_size']}"
         f"{' (8-bit modules in wide groups)' if results['wide_groups'] else ''}, "
-        f"{results['num_samples']} x {results['seq_len']} calibration tokens; convert "
+        f"{results['num_samples']} x {results['seq_len']} calibration tokens of "
+        f"{results['calibration']}; convert "
         f"{results['convert_seconds']:.0f} s; sensitivities "
         f"{results['report']['sensitivity']['forwards_per_sample']:.1f} forwards/sample "
         f"(naive {results['report']['sensitivity']['naive_forwards_per_sample']:.0f})",

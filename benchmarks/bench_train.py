@@ -1,22 +1,22 @@
 """LoRA with the joint loss vs next-token-only LoRA, on the trained fixture.
 
-The task: write the first line of a standard-library function's docstring
-given its signature, as ChatML prompt/completion records (prompt masked), built
-at run time from the stdlib source with ``ast``: functions of every tenth file
-are the test split. English prose in ChatML is new to the fixture, which saw
-only code without docstrings. The same steps, rank and rate train one adapter per objective;
-then, for the base model and both adapters, on the task's test split: AR loss,
-diffusion loss (seeded noise), block-diffusion tokens per forward (threshold
-0.5) and self-spec accepted draft tokens per round (k = 8) after the test
-prompts; and each run's training tokens/s and peak memory.
+The task: given a record class's ``__init__`` (as the fixture's corpus writes
+them), write its ``__hash__``, which the corpus never has; ChatML
+prompt/completion records (prompt masked), generated at run time from the
+corpus generator's names, the test split with another seed. The same steps,
+rank and rate train one adapter per objective; then, for the base model and
+both adapters, on the task's test split: AR loss, diffusion loss (seeded noise),
+block-diffusion tokens per forward (threshold 0.5) and self-spec accepted draft
+tokens per round (k = 8) after the test prompts; and each run's training
+tokens/s and peak memory.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python benchmarks/bench_train.py
 """
 
-import ast
 import json
-import sysconfig
+import random
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,33 +28,28 @@ from optiq_dhara.train.lora import LoraConfig, run_lora
 from optiq_dhara.train.modes import diffusion_tokens_per_forward, spec_accepted_per_round
 from optiq_dhara.train.trainer import evaluate_losses
 
-FIXTURE = Path(__file__).parents[1] / "tests" / "fixtures" / "dhara_tiny_trained"
-SKIPPED = {"site-packages", "test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "encodings"}
+FIXTURES = Path(__file__).parents[1] / "tests" / "fixtures"
+FIXTURE = FIXTURES / "dhara_tiny_trained"
+sys.path.insert(0, str(FIXTURES))  # the fixture's corpus generator: its names
+from synthetic_code import stdlib_names  # noqa: E402
 
 
-def docstring_task(limit: int) -> dict[str, list[dict]]:
-    """{split: [{"prompt", "completion"}]}: a short signature -> its docstring's first line.
-
-    Kept short (signature <= 40 characters, line 20-70) to stay within the 128
-    tokens the fixture was trained on.
-    """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in sorted(root.rglob("*.py")) if not SKIPPED & set(p.relative_to(root).parts)]
-    splits: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
-    for index, path in enumerate(files):
-        split = "test" if index % 10 == 0 else "valid" if index % 10 == 5 else "train"
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            line = (ast.get_docstring(node) or "").split("\n")[0].strip()
-            signature = f"def {node.name}({ast.unparse(node.args)}):"
-            if 20 <= len(line) <= 70 and len(signature) <= 40:
-                splits[split].append({"prompt": signature, "completion": line})
-    return {name: records[:limit] for name, records in splits.items()}
+def hash_task(limit: int) -> dict[str, list[dict]]:
+    """{split: [{"prompt", "completion"}]}: a class and its ``__init__`` -> its ``__hash__``."""
+    arguments, classes = stdlib_names()
+    splits = {}
+    for seed, name in enumerate(("train", "valid", "test")):
+        rng = random.Random(100 + seed)
+        records = []
+        for _ in range(limit):
+            params = rng.sample(arguments, rng.randint(1, 3))
+            body = "\n".join(f"        self.{p} = {p}" for p in params)
+            prompt = f"class {rng.choice(classes)}:\n\n    def __init__(self, {', '.join(params)}):\n{body}"
+            fields = ", ".join(f"self.{p}" for p in params)
+            completion = f"    def __hash__(self):\n        return hash(({fields},))"
+            records.append({"prompt": prompt, "completion": completion})
+        splits[name] = records
+    return splits
 
 
 def write_task(folder: Path, task: dict[str, list[dict]]) -> None:
@@ -89,7 +84,7 @@ def main(
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "task"
         data.mkdir()
-        write_task(data, docstring_task(examples))
+        write_task(data, hash_task(examples))
         base, tokenizer = mlx_lm.load(str(model))
         common = dict(iters=iters, batch_size=batch_size, learning_rate=learning_rate, rank=rank,
                       num_layers=-1, mask_prompt=True, steps_per_report=max(iters // 4, 1),

@@ -9,7 +9,7 @@ import pytest
 from optiq_dhara.runtime import decode
 
 TRAINED = Path(__file__).parent / "fixtures" / "dhara_tiny_trained"
-PROMPT = "    def __init__(self, name, value=None):\n        self.name = name\n"
+PROMPT = "class Record:\n\n    def __init__(self, name, value=None):\n        self.name = name"
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def test_fixture_decodes_in_all_three_modes(trained):
     ar, _ = final_stats(model, prompt, mode="ar")
     spec, spec_stats = final_stats(model, prompt, mode="spec", k=8)
     diffusion, diffusion_stats = final_stats(model, prompt, mode="diffusion")
-    # A trained model: AR continues with code, spec equals AR and accepts drafts,
-    # diffusion commits several tokens in some forwards.
-    assert "self" in tokenizer.decode(ar)
-    assert spec == ar and spec_stats.accepted_per_round > 0.5
-    assert len(diffusion) == 48 and diffusion_stats.tokens_per_forward > 1.2
+    # A trained model: AR writes the next line of the body, spec equals AR and
+    # accepts drafts, diffusion commits several tokens per forward.
+    assert tokenizer.decode(ar).startswith("\n        self.value = value")
+    assert spec == ar and spec_stats.accepted_per_round > 1.0
+    assert len(diffusion) == 48 and diffusion_stats.tokens_per_forward > 1.5
