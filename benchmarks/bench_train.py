@@ -1,7 +1,8 @@
 """LoRA with the joint loss vs next-token-only LoRA, on the trained fixture.
 
 The task: given a record class's ``__init__`` (as the fixture's corpus writes
-them), write its ``__hash__``, which the corpus never has; ChatML
+them), write a method the corpus never has (``--task hash``: its ``__hash__``;
+``--task defaults``: a classmethod with random default values); ChatML
 prompt/completion records (prompt masked), generated at run time from the
 corpus generator's names, the test split with another seed. The same steps,
 rank and rate train one adapter per objective; then, for the base model and
@@ -31,11 +32,17 @@ from optiq_dhara.train.trainer import evaluate_losses
 FIXTURES = Path(__file__).parents[1] / "tests" / "fixtures"
 FIXTURE = FIXTURES / "dhara_tiny_trained"
 sys.path.insert(0, str(FIXTURES))  # the fixture's corpus generator: its names
-from synthetic_code import stdlib_names  # noqa: E402
+from synthetic_code import DEFAULTS, stdlib_names  # noqa: E402
 
 
-def hash_task(limit: int) -> dict[str, list[dict]]:
-    """{split: [{"prompt", "completion"}]}: a class and its ``__init__`` -> its ``__hash__``."""
+def class_task(limit: int, task: str) -> dict[str, list[dict]]:
+    """{split: [{"prompt", "completion"}]}: a class and its ``__init__`` -> a new method.
+
+    ``hash``: its ``__hash__``, fully determined by the prompt. ``defaults``: a
+    ``defaults()`` classmethod calling the class with a default drawn at random
+    for each field, so the completion keeps about 2 nats of entropy per field
+    that no model can remove (as real tasks have), and AR losses stay comparable.
+    """
     arguments, classes = stdlib_names()
     splits = {}
     for seed, name in enumerate(("train", "valid", "test")):
@@ -45,8 +52,12 @@ def hash_task(limit: int) -> dict[str, list[dict]]:
             params = rng.sample(arguments, rng.randint(1, 3))
             body = "\n".join(f"        self.{p} = {p}" for p in params)
             prompt = f"class {rng.choice(classes)}:\n\n    def __init__(self, {', '.join(params)}):\n{body}"
-            fields = ", ".join(f"self.{p}" for p in params)
-            completion = f"    def __hash__(self):\n        return hash(({fields},))"
+            if task == "hash":
+                fields = ", ".join(f"self.{p}" for p in params)
+                completion = f"    def __hash__(self):\n        return hash(({fields},))"
+            else:
+                values = ", ".join(f"{p}={rng.choice(DEFAULTS)}" for p in params)
+                completion = f"    @classmethod\n    def defaults(cls):\n        return cls({values})"
             records.append({"prompt": prompt, "completion": completion})
         splits[name] = records
     return splits
@@ -78,13 +89,14 @@ def main(
     examples: int = 400,
     prompts: int = 24,
     new_tokens: int = 48,
+    task: str = typer.Option("hash", help="hash (determined by the prompt) or defaults (random values)."),
     out: Path = typer.Option(None, help="Also write the results as JSON here."),
 ) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "task"
         data.mkdir()
-        write_task(data, hash_task(examples))
+        write_task(data, class_task(examples, task))
         base, tokenizer = mlx_lm.load(str(model))
         common = dict(iters=iters, batch_size=batch_size, learning_rate=learning_rate, rank=rank,
                       num_layers=-1, mask_prompt=True, steps_per_report=max(iters // 4, 1),

@@ -19,7 +19,7 @@ but never give a wrong answer.
 from typing import Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import CacheList, KVCache
+from mlx_lm.models.cache import CacheList, KVCache, trim_prompt_cache
 
 
 class DharaCache(CacheList):
@@ -65,18 +65,20 @@ class DharaCache(CacheList):
     def extract(self, idx: int) -> "DharaCache":
         return DharaCache(self.kv.extract(idx), self.canon.extract(idx))
 
-    def trim(self, n: int) -> int:
+    def trim(self, n: int, evaluate: bool = True) -> int:
         """Roll KV and canon state back by ``n`` tokens; rebuild a current tail now.
 
-        The tail is evaluated here, between forwards, so that the next forward
-        reads no row of the store it writes to.
+        The tail must be evaluated between forwards, so that the next forward
+        reads no row of the store it writes to: here, or, with ``evaluate=False``,
+        by the caller, who can then evaluate every layer's tail in one go
+        (``trim_layers``) instead of one synchronisation per layer.
         """
         current = self._tail_is_current()
         trimmed = super().trim(n)
         if current:
-            tail = self._history_from_store(mx.zeros_like(self._tail))
-            mx.eval(tail)
-            self._set_tail(tail)
+            self._set_tail(self._history_from_store(mx.zeros_like(self._tail)))
+            if evaluate:
+                mx.eval(self._tail)
         return trimmed
 
     def canon_history(self, zeros: mx.array) -> mx.array:
@@ -138,3 +140,13 @@ class DharaCache(CacheList):
         self.canon.update_and_fetch(rows, mx.zeros((*rows.shape[:3], 0), rows.dtype))
         self._set_tail(tail)
         return self.canon.keys
+
+
+def trim_layers(cache: list, n: int) -> None:
+    """Trim every layer's cache by ``n`` tokens, with one evaluation for all of them."""
+    if not all(isinstance(c, DharaCache) for c in cache):
+        trim_prompt_cache(cache, n)
+        return
+    for c in cache:
+        c.trim(n, evaluate=False)
+    mx.eval([c._tail for c in cache if c._tail is not None])

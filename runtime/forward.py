@@ -7,8 +7,8 @@ is trimming (``DharaCache`` trims KV and canon state together, exactly).
 from typing import Optional, Sequence
 
 import mlx.core as mx
-from mlx_lm.models.cache import trim_prompt_cache
 
+from ..cache import trim_layers
 from ..masks import block_causal_mask
 
 PREFILL_STEP = 2048
@@ -33,7 +33,7 @@ def rollback(cache: list, length: int) -> None:
     """Trim the cache back to its first ``length`` tokens."""
     excess = cache_length(cache) - length
     if excess > 0:
-        trim_prompt_cache(cache, excess)
+        trim_layers(cache, excess)
 
 
 def prefill(model, cache: list, tokens: Sequence[int], block_len: Optional[int] = None) -> None:

@@ -25,7 +25,7 @@ from mlx_lm.models.cache import (
 from mlx_lm.utils import load_model, load_tokenizer
 
 from optiq_dhara import model as dhara
-from optiq_dhara.cache import DharaCache
+from optiq_dhara.cache import DharaCache, trim_layers
 from optiq_dhara.masks import block_causal_mask
 
 TOLERANCE = 1e-5
@@ -85,8 +85,9 @@ def test_trim_then_continue_equals_fresh(golden_model, golden, prefix, decoded, 
     assert max_error(logits, golden["ar_logits"][:, kept:end]) <= TOLERANCE
 
 
-def test_repeated_trims_like_self_speculation(golden_model, golden):
-    """Forward k tokens, keep some, trim the rest, again and again."""
+@pytest.mark.parametrize("trim", [trim_prompt_cache, trim_layers])
+def test_repeated_trims_like_self_speculation(golden_model, golden, trim):
+    """Forward k tokens, keep some, trim the rest, again and again (per layer or all at once)."""
     ids, expected = golden["ids_a"], golden["ar_logits"]
     cache = golden_model.make_cache()
     golden_model(ids[:, :6], cache=cache)
@@ -94,7 +95,7 @@ def test_repeated_trims_like_self_speculation(golden_model, golden):
     for window, keep in [(4, 1), (5, 5), (3, 0), (6, 2), (2, 1), (4, 3)]:
         logits = golden_model(ids[:, position : position + window], cache=cache)
         assert max_error(logits, expected[:, position : position + window]) <= TOLERANCE
-        trim_prompt_cache(cache, window - keep)
+        trim(cache, window - keep)
         position += keep
     assert cache[0].offset == position
 
