@@ -95,3 +95,25 @@ def test_read_texts_reads_txt_jsonl_and_folders(tmp_path):
     (tmp_path / "c.jsonl").write_text('{"body": "delta"}\n')
     with pytest.raises(ValueError, match="c.jsonl:1"):
         read_texts(tmp_path / "c.jsonl")
+
+
+def test_train_refuses_a_quantized_checkpoint(golden_dir, tmp_path):
+    from mlx_lm.utils import load_model, save_config, save_model
+
+    import mlx.nn as nn
+
+    model, config = load_model(golden_dir)
+    nn.quantize(model, group_size=32, bits=4)
+    folder = tmp_path / "q4"
+    save_model(folder, model)
+    save_config({**config, "quantization": {"group_size": 32, "bits": 4}}, folder / "config.json")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(golden_dir / name, folder / name)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS)
+    result = CliRunner().invoke(
+        app, ["train", "--model", str(folder), "--data", str(corpus), "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code != 0
+    message = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # unwrap rich's box
+    assert "is quantized" in message and "dhara-mlx lora" in message

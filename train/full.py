@@ -83,6 +83,12 @@ def open_start(model: Optional[Path], config: Optional[Path]) -> tuple[nn.Module
         raise ValueError("give exactly one of --model (a checkpoint folder) or --config (a config.json).")
     if model is not None:
         loaded, settings = load_model(Path(model))
+        if "quantization" in settings:
+            raise ValueError(
+                f"{model} is quantized ({Path(model) / 'config.json'} has a 'quantization' entry): "
+                "full training updates float weights. Fine-tune it with `dhara-mlx lora`, or "
+                "train a float checkpoint (convert without --target-bpw)."
+            )
         return loaded, settings, Path(model)
     settings = json.loads(Path(config).read_text())
     return model_from_config(settings), settings, Path(config).parent
