@@ -89,9 +89,11 @@ def main(
     examples: int = 400,
     prompts: int = 24,
     new_tokens: int = 48,
-    task: str = typer.Option("hash", help="hash (determined by the prompt) or defaults (random values)."),
+    task: str = typer.Option("defaults", help="defaults (random values) or hash (determined by the prompt)."),
     out: Path = typer.Option(None, help="Also write the results as JSON here."),
 ) -> None:
+    if task not in ("defaults", "hash"):
+        raise typer.BadParameter(f"task {task!r} is not defaults or hash", param_hint="--task")
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         data = Path(scratch) / "task"
