@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
-from optiq_dhara.quantize.allocate import allocate, hull_steps
+from optiq_dhara.quantize.allocate import allocate, hull_steps, module_points
 from optiq_dhara.quantize.calibration import load_calibration, read_calibration_text, split_tokens
 from optiq_dhara.quantize.modules import (
     Grouping,
@@ -359,22 +359,20 @@ def deep_model():
     return model
 
 
-def test_auto_reaches_the_exact_allocation_for_a_tenth_of_the_forwards(deep_model):
+@pytest.mark.parametrize("grouping", [UNIFORM, Grouping(32)], ids=["uniform", "wide"])
+def test_auto_reaches_the_exact_allocation_for_a_tenth_of_the_forwards(deep_model, grouping):
     modules = quantizable_modules(deep_model)
     tokens = mx.array(np.random.default_rng(2).integers(0, 300, size=(2, 32)))
     budget = sum(m.stored_bits(5, 32, 32) for m in modules)  # a quarter of the modules at 8 bits
     common = dict(dtype=mx.float32, budget=budget, scale_bits=32, block_len=16)
-    auto = measure_sensitivities(deep_model, tokens, modules, (4, 8), UNIFORM, **common)
-    exact = measure_sensitivities(deep_model, tokens, modules, (4, 8), UNIFORM, method="exact", **common)
+    auto = measure_sensitivities(deep_model, tokens, modules, (4, 8), grouping, **common)
+    exact = measure_sensitivities(deep_model, tokens, modules, (4, 8), grouping, method="exact", **common)
     assert auto.method == "auto"
     assert auto.forwards_per_sample <= auto.naive_forwards_per_sample / 10
     assert exact.forwards_per_sample > 5 * auto.forwards_per_sample
 
     def true_kl(sens):
-        points = {
-            m.path: {b: (m.stored_bits(b, 32, 32), sens.kl()[m.path][b]) for b in (4, 8)}
-            for m in modules
-        }
+        points = module_points(modules, sens.kl(), (4, 8), grouping, 32)
         plan = allocate(points, budget).bits
         return sum(exact.kl()[path][bits] for path, bits in plan.items())
 
