@@ -211,7 +211,7 @@ def run(
         return cast(copy.deepcopy(reference), out_dtype)
 
     modules = quantizable_modules(float_model)
-    grouping = Grouping(group_size, 8 if wide_groups else None)
+    grouping = Grouping.choose(group_size, wide_groups)
     budget = Budget.of(float_model, modules, bits, grouping)
     sens_file = work / "mix" / "sensitivities.json"
     auto = load_sensitivities(sens_file, modules, bits, grouping)
@@ -223,8 +223,9 @@ def run(
 
     variants: dict[str, dict] = {}
     variants["mix"] = score(mix_at(target_bpw, auto), reference, data.held_out, params)
+    uniform_4 = {m.path: 4 for m in modules}
     variants["uniform 4-bit"] = score(
-        quantize_to_plan(fresh(), {m.path: 4 for m in modules}, {m.path: group_size for m in modules}),
+        quantize_to_plan(fresh(), uniform_4, grouping.sizes(modules, uniform_4)),
         reference,
         data.held_out,
         params,

@@ -126,7 +126,7 @@ def convert(
 
     modules = quantizable_modules(model)
     check_group_size(modules, group_size)
-    grouping = Grouping(group_size, 8 if wide_groups else None)
+    grouping = Grouping.choose(group_size, wide_groups)
     budget = Budget.of(model, modules, bits, grouping)
     budget.check(target_bpw)
     data = load_calibration(

@@ -14,6 +14,7 @@ from mlx.utils import tree_flatten
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
+WIDE_GROUP_BITS = 8  # from these bits up, a module may take a wider group (``Grouping``)
 BUFFERS = ("rotary_emb.inv_freq",)
 
 
@@ -51,7 +52,12 @@ class Grouping:
     """
 
     size: int
-    wide_bits: Optional[int] = 8
+    wide_bits: Optional[int] = WIDE_GROUP_BITS
+
+    @classmethod
+    def choose(cls, size: int, wide: bool) -> "Grouping":
+        """Wide groups from ``WIDE_GROUP_BITS`` up, or ``size`` everywhere."""
+        return cls(size, WIDE_GROUP_BITS if wide else None)
 
     def of(self, module: Quantizable, bits: int) -> int:
         if self.wide_bits is None or bits < self.wide_bits:

@@ -17,14 +17,13 @@ from optiq_dhara.metrics import compare
 
 TARGET = 7.0  # bf16, group size 32: 4-bit costs 5 bpw, 8-bit 9, the float parts ~0.5
 SMALL = dict(num_samples=4, seq_len=64, held_out_samples=2, block_len=16)
+MIXED = dict(target_bpw=TARGET, group_size=32, dtype="bfloat16", **SMALL)  # a small 4/8 mix
 
 
 @pytest.fixture(scope="module")
 def mixed(golden_dir, tmp_path_factory):
     dst = tmp_path_factory.mktemp("mixed") / "out"
-    report = convert(
-        str(golden_dir), dst, target_bpw=TARGET, group_size=32, dtype="bfloat16", **SMALL
-    )
+    report = convert(str(golden_dir), dst, **MIXED)
     return dst, report
 
 
@@ -51,10 +50,7 @@ def test_stock_load_gives_each_module_the_reported_bits(mixed):
 
 
 def test_without_wide_groups_every_module_keeps_the_group_size(golden_dir, tmp_path):
-    report = convert(
-        str(golden_dir), tmp_path / "out", target_bpw=TARGET, group_size=32, dtype="bfloat16",
-        wide_groups=False, **SMALL,
-    )
+    report = convert(str(golden_dir), tmp_path / "out", wide_groups=False, **MIXED)
     assert {layer["group_size"] for layer in report["layers"].values()} == {32}
     assert report["wide_group_bits"] is None and report["achieved_bpw"] <= TARGET
 
@@ -118,13 +114,7 @@ def test_report_has_the_promised_fields(mixed):
 def test_sensitivities_file_is_reused(mixed, tmp_path):
     dst, report = mixed
     reused = convert(
-        report["source"],
-        tmp_path / "again",
-        target_bpw=TARGET,
-        group_size=32,
-        dtype="bfloat16",
-        sensitivities=dst / "sensitivities.json",
-        **SMALL,
+        report["source"], tmp_path / "again", sensitivities=dst / "sensitivities.json", **MIXED
     )
     assert {p: v["bits"] for p, v in reused["layers"].items()} == {
         p: v["bits"] for p, v in report["layers"].items()
@@ -280,14 +270,7 @@ def test_a_failure_leaves_no_destination(golden_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "evaluate_variants", broken)
     with pytest.raises(RuntimeError, match="evaluation broke"):
-        convert(
-            str(golden_dir),
-            tmp_path / "out",
-            target_bpw=TARGET,
-            group_size=32,
-            dtype="bfloat16",
-            **SMALL,
-        )
+        convert(str(golden_dir), tmp_path / "out", **MIXED)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -298,14 +281,7 @@ def test_a_config_that_does_not_match_the_weights_is_caught(golden_dir, tmp_path
         pipeline, "quantization_config", lambda plan, sizes: honest(dict.fromkeys(plan, 4), sizes)
     )
     with pytest.raises(RuntimeError, match="does not load with mlx_lm"):
-        convert(
-            str(golden_dir),
-            tmp_path / "out",
-            target_bpw=TARGET,
-            group_size=32,
-            dtype="bfloat16",
-            **SMALL,
-        )
+        convert(str(golden_dir), tmp_path / "out", **MIXED)
     assert list(tmp_path.iterdir()) == []
 
 
