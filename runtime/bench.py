@@ -102,12 +102,13 @@ def bench_mode(
 def uncached_diffusion(
     model, prompt: Sequence[int], *, max_tokens: int, block_len: int, threshold: float
 ) -> list[int]:
-    """Greedy block diffusion as SPEC.md states it: every step runs the whole sequence."""
+    """Greedy block diffusion by its definition: every step runs the whole sequence,
+    every block is whole (the last one too) and the output is cut to ``max_tokens``."""
     mask_id, sampling = model.args.mask_token_id, Sampling()
     seq = list(prompt)
     while len(seq) - len(prompt) < max_tokens:
         start = len(seq)
-        seq += [mask_id] * min(block_len, max_tokens - (start - len(prompt)))
+        seq += [mask_id] * block_len
         while mask_id in seq[start:]:
             logits = model(mx.array([seq]), mask=block_causal_mask(len(seq), block_len))[0]
             masked = [p for p in range(start, len(seq)) if seq[p] == mask_id]
@@ -116,7 +117,7 @@ def uncached_diffusion(
             for position, token, flag in zip(masked, tokens, commit):
                 if flag:
                     seq[position] = token
-    return seq[len(prompt) :]
+    return seq[len(prompt) : len(prompt) + max_tokens]
 
 
 def timed(fn, *args, **kwargs):

@@ -2,15 +2,11 @@
 
 from typing import Iterable, Iterator, Optional, Sequence
 
-from .ar import decode_ar
-from .diffusion import decode_diffusion
+from .engine import Engine
 from .prefix_cache import PrefixCache
 from .sampling import Sampling
 from .settings import Settings, check_prompt
-from .spec import decode_spec
-from .stats import Stats, Step
-
-_DECODERS = {"ar": decode_ar, "diffusion": decode_diffusion, "spec": decode_spec}
+from .stats import Step
 
 
 def decode(
@@ -36,33 +32,45 @@ def decode(
     The arguments are checked here, before the first step. The last step's
     ``stats.finish_reason`` is "stop" (a stop id was generated, and is the last
     token) or "length" (``max_tokens`` reached). With ``prefix_cache`` the run
-    starts from the state of the previous run that shares a prefix with this
+    starts from the state of an earlier run that shares a prefix with this
     prompt and leaves its own state there when it ends or is closed.
     """
+    settings, sampling = make_request(
+        model, mode, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
+        stop_ids, block_len, threshold, k,
+    )
+    prompt = check_prompt(prompt_ids, model.args.vocab_size)
+    return _run(Engine(model, max_batch=1, prefix_cache=prefix_cache), prompt, settings, sampling)
+
+
+def make_request(
+    model, mode, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
+    stop_ids, block_len, threshold, k,
+) -> tuple[Settings, Sampling]:
+    """Checked settings and sampling (with a concrete seed when sampled)."""
     settings = Settings(
         mode, max_tokens, frozenset(int(t) for t in stop_ids), block_len, threshold, k
     )
     sampling = Sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
     settings.validate()
     sampling.validate()
-    prompt = check_prompt(prompt_ids, model.args.vocab_size)
-    return _run(model, prompt, settings, sampling.with_seed(), prefix_cache)
+    return settings, sampling.with_seed()
 
 
-def _run(model, prompt, settings: Settings, sampling: Sampling, prefix_cache) -> Iterator[Step]:
-    grid = settings.block_len if settings.mode == "diffusion" else None
-    cache = prefix_cache.take(model, prompt, grid) if prefix_cache else model.make_cache()
-    stats = Stats(settings.mode, prompt_tokens=len(prompt), reused_tokens=cache[0].offset)
-    seq = list(prompt)
-    failed = False  # a run that raised may have left the cache mid-step: do not keep it
+def _run(engine: Engine, prompt: list[int], settings: Settings, sampling: Sampling) -> Iterator[Step]:
+    row = engine.add(prompt, settings, sampling)
+    failed = False
     try:
-        yield from _DECODERS[settings.mode](model, cache, seq, sampling, settings, stats)
+        while not row.done:
+            for _, step in engine.step():
+                yield step
     except Exception:
-        failed = True
+        failed = True  # a run that raised may have left its state mid-step: keep none of it
+        engine.fail()
         raise
     finally:
-        if prefix_cache is not None and not failed:
-            prefix_cache.keep(model, cache, seq, grid)
+        if not failed:
+            engine.cancel(row)
 
 
 def generate_ids(model, prompt_ids: Sequence[int], **kwargs) -> list[int]:

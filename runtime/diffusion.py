@@ -1,29 +1,32 @@
-"""Block diffusion on a prefix cache, equal to the uncached reference.
+"""Block diffusion on each row's cache, equal to the uncached reference.
 
-A new block of MASK tokens is appended to the sequence and denoised in steps:
-each step predicts every still-masked position and commits the confident ones.
+A row appends a block of ``block_len`` MASK tokens (always a whole block, also
+the last one: the output is cut to ``max_tokens``, so a run is a prefix of the
+same run with a larger ``max_tokens``) and denoises it in steps: each step
+predicts every still-masked position and commits the confident ones.
+
 Under the global block grid a query sees its whole block, so the committed
 tokens of the last, partial global block see the MASK tokens after them and
 change with every step. Only whole global blocks before the new block are
 therefore frozen in the cache; each step recomputes the partial tail together
-with the block, and trims the cache back to the frozen blocks.
+with the block, and rolls the row back to the frozen blocks.
 """
 
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .ar import finished
-from .forward import cache_length, forward, prefill, rollback
-from .sampling import Sampling, adjust_logits, choose, filtered_logprobs, seen_tokens
-from .settings import Settings
-from .stats import Stats, Step
+from .sampling import Sampling, adjust_logits, choose, filtered_logprobs, presence
+from .stats import Step
+
+if TYPE_CHECKING:
+    from .engine import Group, Row
 
 
-def denoise(
+def denoise_arrays(
     logits: mx.array, seen, positions: list[int], sampling: Sampling, threshold: float, mask_id: int
-) -> tuple[list[int], list[bool]]:
-    """Predictions and commit flags of the masked positions from their logits [n, vocab].
+) -> tuple[mx.array, mx.array]:
+    """Predictions and commit flags [n] of the masked positions from their logits [n, vocab].
 
     The confidence of a prediction is its float32 probability (MASK excluded);
     positions at or above ``threshold`` commit, and always the most confident one.
@@ -34,47 +37,58 @@ def denoise(
     probs = mx.softmax(logprobs, axis=-1, precise=True)
     confidence = mx.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0]
     best = mx.arange(len(positions)) == mx.argmax(confidence)
-    commit = (confidence >= threshold) | best
+    return tokens, (confidence >= threshold) | best
+
+
+def denoise(
+    logits: mx.array, seen, positions: list[int], sampling: Sampling, threshold: float, mask_id: int
+) -> tuple[list[int], list[bool]]:
+    """``denoise_arrays`` as lists."""
+    tokens, commit = denoise_arrays(logits, seen, positions, sampling, threshold, mask_id)
     return tokens.tolist(), commit.tolist()
 
 
-def decode_diffusion(
-    model, cache: list, seq: list[int], sampling: Sampling, settings: Settings, stats: Stats
-) -> Iterator[Step]:
-    if finished(seq, 0, settings, stats):
-        yield Step([], stats)
-        return
-    grid, mask_id = settings.block_len, model.args.mask_token_id
-    prefill(model, cache, seq[cache_length(cache) : len(seq) // grid * grid], grid)
-    stats.prefilled()
-    while True:
-        start = len(seq)
-        block = [mask_id] * min(grid, settings.max_tokens - stats.generated)
-        final = 0
-        while final < len(block):
-            frozen = cache_length(cache)
-            tail = seq[frozen:start] + block
-            logits = forward(model, cache, tail, grid)
-            stats.forwards += 1
-            rollback(cache, start // grid * grid)
-            masked = [i for i, t in enumerate(block) if t == mask_id]
-            committed = [t for t in block if t != mask_id]
-            seen = seen_tokens(sampling, seq[:start] + committed, model.args.vocab_size)
-            rows = logits[mx.array([start - frozen + i for i in masked])]
-            positions = [start + i for i in masked]
-            tokens, commit = denoise(rows, seen, positions, sampling, settings.threshold, mask_id)
-            for i, token, flag in zip(masked, tokens, commit):
-                if flag:
-                    block[i] = token
-            new = []
-            while final < len(block) and block[final] != mask_id:
-                new.append(block[final])
-                final += 1
-            new = settings.through_stop(new)
-            seq.extend(new)
-            stats.rounds += 1
-            stats.emitted(len(new))
-            done = finished(seq, stats.generated, settings, stats)
-            yield Step(new, stats)
-            if done:
-                return
+def diffusion_step(group: "Group") -> list[tuple["Row", Step]]:
+    """One denoising step of every block diffusion row."""
+    from .engine import padded, run_rows
+
+    model, cache, slots = group.model, group.cache, group.rows
+    mask_id, vocab = model.args.mask_token_id, model.args.vocab_size
+    tails = [r.seq[cache.lengths[b] : r.start] + r.block if r else [] for b, r in enumerate(slots)]
+    grids = [r.grid if r else 1 for r in slots]
+    logits = run_rows(model, cache, padded([t or [0] for t in tails]), [len(t) for t in tails], grids)
+    frozen = [r.start // r.grid * r.grid if r else 0 for r in slots]
+    cache.commit(frozen)
+    results = []
+    for b, row in enumerate(slots):
+        if row is None:
+            continue
+        masked = [i for i, t in enumerate(row.block) if t == mask_id]
+        base = len(tails[b]) - len(row.block)
+        rows = logits[b][mx.array([base + i for i in masked])]
+        committed = [t for t in row.block if t != mask_id]
+        seen = None
+        if row.sampling.repetition_penalty != 1.0:
+            seen = presence(row.seq[: row.start] + committed, vocab)
+        positions = [row.start + i for i in masked]
+        settings = row.settings
+        results.append(
+            (row, masked, denoise_arrays(rows, seen, positions, row.sampling, settings.threshold, mask_id))
+        )
+    mx.eval([arrays for _, _, arrays in results])
+    events = []
+    for row, masked, (tokens, commit) in results:
+        for i, token, flag in zip(masked, tokens.tolist(), commit.tolist()):
+            if flag:
+                row.block[i] = token
+        wanted = row.settings.max_tokens - row.stats.generated
+        new = []
+        while row.final < len(row.block) and row.block[row.final] != mask_id and len(new) < wanted:
+            new.append(row.block[row.final])
+            row.final += 1
+        row.stats.forwards += 1
+        row.stats.rounds += 1
+        events.append((row, row.emit(row.settings.through_stop(new))))
+        if not row.done and row.final == len(row.block):
+            row.start, row.block, row.final = len(row.seq), [mask_id] * row.grid, 0
+    return events

@@ -1,4 +1,4 @@
-"""A cache kept across requests, so a new prompt skips the prefix it shares with the last.
+"""Caches kept across requests, so a new prompt skips the prefix it shares with an earlier one.
 
 Causal modes (AR, spec) share one kind of state; block diffusion's KV, computed
 under the block grid, is another (per block length) and is only reusable in
@@ -6,9 +6,13 @@ whole global blocks. Reuse never changes the output: the reused part is exactly
 what a fresh prefill would put there.
 """
 
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .forward import cache_length, rollback
+from ..slot_cache import SlotCache
+
+DEFAULT_BYTES = 1 << 30
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -20,49 +24,85 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-class PrefixCache:
-    """The KV and canon state of the last request, and the tokens it holds.
+@dataclass(eq=False)
+class Entry:
+    """The one-row cache of an ended request and the tokens it holds."""
 
-    ``take`` hands the state (trimmed to the reusable prefix) to a decoding
-    run, which gives it back with ``keep`` when it ends. Not thread-safe: one
-    run at a time.
+    model: object
+    tokens: list[int]
+    grid: Optional[int]
+    cache: SlotCache
+    nbytes: int
+
+
+class PrefixCache:
+    """The states of recent requests, least recently used dropped first.
+
+    ``take`` hands a decoding row a copy of the best entry's state (trimmed to
+    the reusable prefix); entries are never changed by the rows that use them,
+    so several rows can start from one. ``keep`` stores a row's state when it
+    ends. At most ``max_bytes`` of state are held. Not thread-safe.
     """
 
-    def __init__(self):
-        self._model = None
-        self._cache: Optional[list] = None
-        self._tokens: list[int] = []
-        self._grid: Optional[int] = None
+    def __init__(self, max_bytes: int = DEFAULT_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}.")
+        self.max_bytes = max_bytes
+        self._entries: "OrderedDict[int, Entry]" = OrderedDict()
 
     @property
     def tokens(self) -> list[int]:
-        """The token ids whose state is held."""
-        return list(self._tokens)
+        """The token ids of the most recently used entry ([] when empty)."""
+        if not self._entries:
+            return []
+        return list(next(reversed(self._entries.values())).tokens)
 
-    def take(self, model, prompt: Sequence[int], grid: Optional[int]) -> list:
-        """A cache for ``prompt`` holding the longest reusable prefix of it.
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def take(self, model, prompt: Sequence[int], grid: Optional[int]) -> SlotCache:
+        """A one-row cache for ``prompt`` holding the longest reusable prefix of it.
 
         ``grid`` is None for causal decoding, the block length for diffusion.
         At least the last prompt token is left to compute (its logits start
         decoding); under a grid, only whole blocks of the prompt are kept.
         """
-        cache, held = self._cache, self._tokens
-        self._cache, self._tokens = None, []
-        if cache is None or self._model is not model or self._grid != grid:
-            return model.make_cache()
         usable = len(prompt) - 1 if grid is None else len(prompt) // grid * grid
-        keep = min(shared_prefix(held, prompt), usable)
-        if grid is not None:
-            keep = keep // grid * grid
-        rollback(cache, keep)
+        best, keep = None, 0
+        for entry in self._entries.values():
+            if entry.model is model and entry.grid == grid:
+                n = min(shared_prefix(entry.tokens, prompt), usable)
+                if grid is not None:
+                    n = n // grid * grid
+                if n > keep:
+                    best, keep = entry, n
+        if best is None:
+            return SlotCache(model)
+        self._entries.move_to_end(id(best))
+        cache = best.cache.clone()
+        cache.cut(0, keep)
         return cache
 
-    def keep(self, model, cache: list, seq: Sequence[int], grid: Optional[int]) -> None:
-        """Hold ``cache``, whose first tokens are ``seq``'s, for the next request."""
-        rollback(cache, len(seq))
-        self._model, self._cache, self._grid = model, cache, grid
-        self._tokens = list(seq[: cache_length(cache)])
+    def keep(self, cache: SlotCache, seq: Sequence[int], grid: Optional[int]) -> None:
+        """Hold ``cache`` (one row, whose first tokens are ``seq``'s) for later requests."""
+        length = min(cache.lengths[0], len(seq))
+        cache.cut(0, length)
+        if length == 0:
+            return
+        tokens = list(seq[:length])
+        model = cache.model
+        for key, entry in list(self._entries.items()):  # an entry this one extends is redundant
+            if entry.model is model and entry.grid == grid and tokens[: len(entry.tokens)] == entry.tokens:
+                del self._entries[key]
+        entry = Entry(model, tokens, grid, cache, cache.nbytes())
+        self._entries[id(entry)] = entry
+        while self._entries and self.nbytes > self.max_bytes:
+            self._entries.popitem(last=False)
 
     def clear(self) -> None:
-        """Forget the held state."""
-        self._model, self._cache, self._tokens, self._grid = None, None, [], None
+        """Forget every entry."""
+        self._entries.clear()

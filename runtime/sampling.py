@@ -84,14 +84,27 @@ def adjust_logits(
     The penalty divides a seen token's positive logit and multiplies a negative
     one (``l/p if l > 0 else l*p``), once per token however often it was seen.
     """
+    return adjust_rows(logits, seen, [sampling.repetition_penalty], mask_id)
+
+
+def adjust_rows(
+    logits: mx.array, seen: Optional[mx.array], penalties: Sequence[float], mask_id: int
+) -> mx.array:
+    """``adjust_logits`` for rows [N, vocab] with a penalty each (or one for all).
+
+    ``seen`` [N, vocab] (or broadcastable) holds each row's penalty context.
+    """
     logits = logits.astype(mx.float32)
     vocab = mx.arange(logits.shape[-1])
     logits = mx.where(vocab == mask_id, -mx.inf, logits)
-    p = sampling.repetition_penalty
-    if p != 1.0 and seen is not None:
-        penalized = mx.where(logits > 0, logits / p, logits * p)
-        logits = mx.where(seen, penalized, logits)
-    return logits
+    if seen is None or all(p == 1.0 for p in penalties):
+        return logits
+    if len(set(penalties)) == 1:
+        p = penalties[0]
+        return mx.where(seen, mx.where(logits > 0, logits / p, logits * p), logits)
+    p = mx.array(list(penalties), mx.float32)[:, None]
+    penalized = mx.where(logits > 0, logits / p, logits * p)
+    return mx.where(seen & (p != 1.0), penalized, logits)
 
 
 def log_softmax(x: mx.array) -> mx.array:
@@ -126,7 +139,12 @@ def filtered_logprobs(logits: mx.array, sampling: Sampling) -> mx.array:
 
 def gumbel_noise(seed: int, positions: Sequence[int], vocab_size: int) -> mx.array:
     """[len(positions), vocab] Gumbel noise, one independent draw per position."""
-    return mx.stack([mx.random.gumbel((vocab_size,), key=position_key(seed, p)) for p in positions])
+    return _noise([seed] * len(positions), positions, vocab_size)
+
+
+def _noise(seeds: Sequence[int], positions: Sequence[int], vocab_size: int) -> mx.array:
+    keys = [position_key(s, p) for s, p in zip(seeds, positions)]
+    return mx.stack([mx.random.gumbel((vocab_size,), key=k) for k in keys])
 
 
 def choose(logits: mx.array, sampling: Sampling, positions: Sequence[int]) -> mx.array:
@@ -135,8 +153,36 @@ def choose(logits: mx.array, sampling: Sampling, positions: Sequence[int]) -> mx
     Greedy is the argmax; otherwise the Gumbel-max draw from the filtered
     distribution with the noise of (seed, position).
     """
+    return _draw(logits, sampling, [sampling.seed] * len(positions), positions)
+
+
+def _draw(logits: mx.array, sampling: Sampling, seeds, positions) -> mx.array:
     if sampling.greedy:
         return mx.argmax(logits, axis=-1)
     logprobs = filtered_logprobs(logits, sampling)
-    noise = gumbel_noise(sampling.seed, positions, logits.shape[-1])
-    return mx.argmax(logprobs + noise, axis=-1)
+    return mx.argmax(logprobs + _noise(seeds, positions, logits.shape[-1]), axis=-1)
+
+
+def choose_rows(
+    logits: mx.array, samplings: Sequence[Sampling], positions: Sequence[int]
+) -> mx.array:
+    """``choose`` for rows [N, vocab] of different requests, row i with ``samplings[i]``.
+
+    Every step of the computation is row by row, so a row's token is the one
+    it gets alone. Rows whose settings differ only in their seed are drawn together.
+    """
+    groups: dict[Sampling, list[int]] = {}
+    for i, sampling in enumerate(samplings):
+        groups.setdefault(replace(sampling, seed=None), []).append(i)
+    parts, order = [], []
+    for sampling, rows in groups.items():
+        part = logits if len(groups) == 1 else logits[mx.array(rows)]
+        seeds = [samplings[i].seed for i in rows]
+        parts.append(_draw(part, sampling, seeds, [positions[i] for i in rows]))
+        order += rows
+    if len(parts) == 1:
+        return parts[0]
+    inverse = [0] * len(order)
+    for place, row in enumerate(order):
+        inverse[row] = place
+    return mx.concatenate(parts)[mx.array(inverse)]

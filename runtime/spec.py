@@ -1,62 +1,36 @@
 """Self-speculation: the diffusion head drafts, the causal head verifies.
 
-Each round is two forwards on the cached prefix: a draft forward over
-``[anchor, MASK x (w-1)]`` under the global block grid (then trimmed away), and
-a causal verify forward over ``[anchor, drafts]``. The AR token at every verified
-position is drawn exactly as AR would draw it; a draft is accepted only while it
-equals that token, so the output is AR's, token for token.
+A round is two batched forwards on the rows' caches: a draft forward over
+``[anchor, MASK x (w-1)]`` under each row's block grid (then rolled back), and a
+causal verify forward over ``[anchor, drafts]``, built on the device from the
+drafts without reading them. The AR token at every verified position is drawn
+exactly as AR would draw it; a draft is accepted only while it equals that
+token, so a row's output is AR's, token for token. Like AR, a row's cache holds
+all its tokens but the last (the anchor).
 """
 
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .ar import finished, next_token, prefill_causal
-from .forward import cache_length, forward, rollback
-from .sampling import Sampling, adjust_logits, choose, presence, seen_tokens
-from .settings import Settings
-from .stats import Stats, Step
+from .ar import next_tokens
+from .sampling import Sampling, adjust_logits, choose, presence
+from .stats import Step
 
-
-def draft(
-    model,
-    cache: list,
-    anchor_seq: list[int],
-    width: int,
-    sampling: Sampling,
-    settings: Settings,
-    stats: Stats,
-) -> list[int]:
-    """``width - 1`` draft tokens after the anchor (the last token of ``anchor_seq``)."""
-    args = model.args
-    start = cache_length(cache)
-    window = [anchor_seq[-1]] + [args.mask_token_id] * (width - 1)
-    logits = forward(model, cache, window, settings.block_len)[1:]
-    stats.forwards += 1
-    rollback(cache, start)
-    seen = seen_tokens(sampling, anchor_seq, args.vocab_size)
-    adjusted = adjust_logits(logits, seen, sampling, args.mask_token_id)
-    positions = range(len(anchor_seq), len(anchor_seq) + width - 1)
-    return choose(adjusted, sampling, positions).tolist()
+if TYPE_CHECKING:
+    from .engine import Group, Row
 
 
 def verify(
     model, logits: mx.array, seq: list[int], drafts: list[int], sampling: Sampling
 ) -> list[int]:
-    """The AR tokens after ``seq``: accepted drafts, then the next anchor.
+    """The AR tokens after ``seq`` with a repetition penalty: accepted drafts, then
+    the next anchor, each drawn with the tokens before it in the penalty's context.
 
     ``logits`` [len(drafts) + 1, vocab] are the causal predictions after the
-    anchor and after each draft. Without a repetition penalty the AR tokens of
-    all positions are drawn at once; with one, each depends on the tokens before it.
+    anchor and after each draft.
     """
     args = model.args
-    if sampling.repetition_penalty == 1.0:
-        adjusted = adjust_logits(logits, None, sampling, args.mask_token_id)
-        predicted = choose(adjusted, sampling, range(len(seq), len(seq) + len(logits))).tolist()
-        accepted = 0
-        while accepted < len(drafts) and drafts[accepted] == predicted[accepted]:
-            accepted += 1
-        return predicted[: accepted + 1]
     tokens: list[int] = []
     for row in logits:
         seen = presence(seq + tokens, args.vocab_size)
@@ -68,28 +42,63 @@ def verify(
     return tokens
 
 
-def decode_spec(
-    model, cache: list, seq: list[int], sampling: Sampling, settings: Settings, stats: Stats
-) -> Iterator[Step]:
-    if finished(seq, 0, settings, stats):
-        yield Step([], stats)
-        return
-    logits = prefill_causal(model, cache, seq, stats)
-    new = [next_token(model, logits, seq, sampling)]
-    while True:
-        seq.extend(new)
-        stats.emitted(len(new))
-        done = finished(seq, stats.generated, settings, stats)
-        yield Step(new, stats)
-        if done:
-            return
-        width = min(settings.k, settings.max_tokens - stats.generated)
-        start = cache_length(cache)
-        drafts = draft(model, cache, seq, width, sampling, settings, stats) if width > 1 else []
-        logits = forward(model, cache, [seq[-1]] + drafts)
-        stats.forwards += 1
-        new = verify(model, logits, seq, drafts, sampling)
-        rollback(cache, start + len(new))
+def _repeat(rows: list, times: int) -> list:
+    return [r for r in rows for _ in range(times)]
+
+
+def spec_step(group: "Group") -> list[tuple["Row", Step]]:
+    """One draft-verify round of every self-speculation row."""
+    from .engine import padded, run_rows
+
+    model, cache, slots = group.model, group.cache, group.rows
+    mask_id = model.args.mask_token_id
+    widths = [
+        min(r.settings.k, r.settings.max_tokens - r.stats.generated) if r else 1 for r in slots
+    ]
+    width = max(widths)
+    anchors = mx.array([[r.seq[-1] if r else 0] for r in slots])
+    before = list(cache.lengths)
+    drafts = mx.zeros((len(slots), width - 1), mx.int32)
+    if width > 1:
+        window = padded([[0] + [mask_id] * (w - 1) for w in widths])
+        window = mx.concatenate([anchors, window[:, 1:]], axis=1)
+        grids = [r.settings.block_len if r else 1 for r in slots]
+        logits = run_rows(model, cache, window, widths, grids)[:, 1:]
+        cache.commit(before)
+        flat = logits.reshape(-1, logits.shape[-1])
+        positions = [len(r.seq) + j if r else 0 for r in slots for j in range(width - 1)]
+        seen = None
+        if any(r and r.sampling.repetition_penalty != 1.0 for r in slots):
+            vocab = model.args.vocab_size
+            seen = mx.stack([presence(r.seq if r else [], vocab) for r in slots])
+            seen = mx.repeat(seen, width - 1, axis=0)
+        drafts = next_tokens(model, flat, _repeat(slots, width - 1), positions, seen)
+        drafts = drafts.reshape(len(slots), width - 1).astype(mx.int32)
+    window = mx.concatenate([anchors.astype(mx.int32), drafts], axis=1)
+    logits = run_rows(model, cache, window, widths, [1] * len(slots))
+    positions = [len(r.seq) + j if r else 0 for r in slots for j in range(width)]
+    plain = [r if r and r.sampling.repetition_penalty == 1.0 else None for r in slots]
+    flat = logits.reshape(-1, logits.shape[-1])
+    predicted = next_tokens(model, flat, _repeat(plain, width), positions)
+    drafted, predicted = drafts.tolist(), predicted.reshape(len(slots), width).tolist()
+    events, lengths = [], list(before)
+    for b, row in enumerate(slots):
+        if row is None:
+            continue
+        w = widths[b]
+        row_drafts = drafted[b][: w - 1]
+        if row.sampling.repetition_penalty == 1.0:
+            accepted = 0
+            while accepted < w - 1 and row_drafts[accepted] == predicted[b][accepted]:
+                accepted += 1
+            new = predicted[b][: accepted + 1]
+        else:
+            new = verify(model, logits[b, :w], row.seq, row_drafts, row.sampling)
+        lengths[b] = before[b] + len(new)
+        stats = row.stats
+        stats.forwards += 2 if w > 1 else 1
         stats.rounds += 1
         stats.accepted_drafts += len(new) - 1
-        new = settings.through_stop(new)
+        events.append((row, row.emit(row.settings.through_stop(new))))
+    cache.commit(lengths)
+    return events

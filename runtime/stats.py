@@ -11,9 +11,13 @@ class Stats:
 
     ``forwards`` counts the forwards that decode (AR: one per token, its first
     included; the cache-only prefill of the prompt is not counted). ``rounds``
-    counts the units a mode works in (AR: tokens, diffusion: denoising steps,
-    self-speculation: draft-verify rounds). ``prompt_seconds`` is the prefill
-    up to the first distribution, ``decode_seconds`` everything after it.
+    counts the units a mode works in, each ending in final tokens (AR: tokens,
+    diffusion: denoising steps, self-speculation: draft-verify rounds, the
+    prompt's forward that gives the first anchor being round 1 with no drafts),
+    so ``tokens_per_round`` means the same in every mode and report (for spec
+    it is ``1 + accepted_per_round`` unless a stop cuts a round short).
+    ``prompt_seconds`` is the prefill up to the first distribution,
+    ``decode_seconds`` everything after it.
     """
 
     mode: str
@@ -36,6 +40,10 @@ class Stats:
     @property
     def accepted_per_round(self) -> float:
         return self.accepted_drafts / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        return self.generated / self.rounds if self.rounds else 0.0
 
     @property
     def tokens_per_second(self) -> float:

@@ -13,6 +13,8 @@ from optiq_dhara.runtime.sampling import Sampling
 def reference_diffusion(model, prompt, max_tokens, block_len, threshold, sampling=None):
     """Append a block of MASKs; run the whole sequence under the block mask until none is left.
 
+    Every block is a whole block, the last one too; the output is cut to ``max_tokens``.
+
     Greedy: commit every masked position whose top probability (float32, MASK
     excluded) is >= threshold, and at least the most confident one. With
     ``sampling``, the runtime's commit rule picks the tokens instead.
@@ -20,9 +22,8 @@ def reference_diffusion(model, prompt, max_tokens, block_len, threshold, samplin
     mask_id = model.args.mask_token_id
     seq, out = list(prompt), []
     while len(out) < max_tokens:
-        size = min(block_len, max_tokens - len(out))
         start = len(seq)
-        seq += [mask_id] * size
+        seq += [mask_id] * block_len
         while mask_id in seq[start:]:
             logits = model(mx.array([seq]), mask=block_causal_mask(len(seq), block_len))[0]
             masked = [p for p in range(start, len(seq)) if seq[p] == mask_id]
@@ -40,7 +41,7 @@ def reference_diffusion(model, prompt, max_tokens, block_len, threshold, samplin
                 if flag:
                     seq[p] = token
         out += seq[start:]
-    return out
+    return out[:max_tokens]
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -70,6 +71,8 @@ def test_cached_diffusion_equals_uncached_reference(
 
 
 def test_threshold_one_commits_one_token_per_step(golden_model, golden):
+    """Two whole blocks take 8 steps; the third (cut to 2 tokens) ends as soon as
+    its first two positions are committed, after 2 to 4 steps."""
     steps = list(
         decode(
             golden_model,
@@ -80,8 +83,19 @@ def test_threshold_one_commits_one_token_per_step(golden_model, golden):
             threshold=1.0,
         )
     )
-    assert steps[-1].stats.forwards == 10
+    assert 10 <= steps[-1].stats.forwards <= 12
     assert sum(len(step.tokens) for step in steps) == 10
+    assert all(len(step.tokens) <= 4 for step in steps)
+
+
+def test_a_run_is_a_prefix_of_a_longer_run(golden_model, golden):
+    """The last block is always a whole block, cut to max_tokens (not a shorter block)."""
+    prompt = golden["prompt_p1"].tolist()
+    for block_len, threshold in ((4, 0.5), (8, 0.9), (5, 0.2)):
+        kwargs = dict(mode="diffusion", block_len=block_len, threshold=threshold)
+        longest = generate_ids(golden_model, prompt, max_tokens=24, **kwargs)
+        for m in range(1, 24):
+            assert generate_ids(golden_model, prompt, max_tokens=m, **kwargs) == longest[:m]
 
 
 def test_threshold_zero_commits_a_block_per_step(golden_model, golden):

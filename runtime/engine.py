@@ -1,0 +1,316 @@
+"""The decoding core: requests become rows, and every mode advances its rows in steps.
+
+A request is a ``Row`` (its tokens, settings, sampling, stats and where it
+stands). ``Engine.step`` does a slice of prefill for rows that are joining, then
+one step of every mode that has rows: one batched forward for the AR rows, one
+draft-verify round (two forwards) for the self-speculation rows, one denoising
+step (one forward) for the block diffusion rows. Rows join and leave between
+steps. ``decode``, ``generate_batch``, the CLI and the server all drive this loop.
+
+Contracts. The engine gives the model a ``SlotCache``'s per-layer views and an
+explicit mask: the model reads each row's positions from the cache's ``offset``,
+appends KV and canon inputs through it, and never rolls anything back itself.
+The mode step functions (``ar``, ``spec``, ``diffusion`` modules) own what a row
+means, the engine owns where rows sit. A row's tokens are exactly those it gets
+alone: it is prefilled alone, every batched computation is row by row, and its
+random draws depend only on (seed, position).
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import mlx.core as mx
+
+from ..slot_cache import SlotCache
+from .ar import ar_step, next_tokens, read_tokens
+from .diffusion import diffusion_step
+from .prefix_cache import PrefixCache
+from .sampling import Sampling, presence
+from .spec import spec_step
+from .settings import Settings
+from .stats import Stats, Step
+
+PREFILL_STEP = 512  # prompt tokens a step prefills, so that long prompts do not stall others
+
+
+@dataclass(eq=False)
+class Row:
+    """One request: its tokens so far (``seq``, the prompt first) and where it stands.
+
+    ``cache`` is the row's own one-row cache while it is prefilled; then it sits
+    in slot ``slot`` of its mode's ``Group``. Diffusion rows denoise ``block``,
+    which starts at position ``start`` and whose first ``final`` tokens are final.
+    """
+
+    prompt: list[int]
+    settings: Settings
+    sampling: Sampling
+    stats: Stats
+    seq: list[int]
+    cache: Optional[SlotCache] = None
+    group: Optional["Group"] = None
+    slot: int = -1
+    done: bool = False
+    cancelled: bool = False
+    block: list[int] = field(default_factory=list)
+    start: int = 0
+    final: int = 0
+
+    @property
+    def mode(self) -> str:
+        return self.settings.mode
+
+    @property
+    def grid(self) -> Optional[int]:
+        """The block grid of the row's KV: diffusion's block length, None when causal."""
+        return self.settings.block_len if self.mode == "diffusion" else None
+
+    def emit(self, tokens: list[int]) -> Step:
+        """Record ``tokens`` as final; the Step to hand out, with the finish reason set
+        when the run ends with them."""
+        self.seq.extend(tokens)
+        self.stats.emitted(len(tokens))
+        settings, stats = self.settings, self.stats
+        if tokens and tokens[-1] in settings.stop_ids:
+            stats.finish_reason = "stop"
+        elif stats.generated >= settings.max_tokens:
+            stats.finish_reason = "length"
+        self.done = stats.finish_reason is not None
+        return Step(tokens, stats)
+
+    def seen(self, vocab_size: int) -> Optional[mx.array]:
+        """[vocab]: the repetition penalty's context, None when there is no penalty."""
+        if self.sampling.repetition_penalty == 1.0:
+            return None
+        return presence(self.seq, vocab_size)
+
+
+def run_rows(
+    model, cache: SlotCache, tokens: mx.array, real: Sequence[int], grids: Sequence[int]
+) -> mx.array:
+    """Logits [rows, L, vocab] of ``tokens`` [rows, L] appended at each row's length.
+
+    Row b's first ``real[b]`` tokens are real (the rest padding), under block
+    grid ``grids[b]`` (1: causal). The caller commits the rows' new lengths.
+    """
+    mask = cache.prepare(tokens.shape[1], real, grids)
+    return model(tokens, cache=cache.layers, mask=mask)
+
+
+def padded(rows: Sequence[Sequence[int]], fill: int = 0) -> mx.array:
+    """[len(rows), longest] token ids, right-padded with ``fill``."""
+    width = max(len(r) for r in rows)
+    return mx.array([list(r) + [fill] * (width - len(r)) for r in rows])
+
+
+class Group:
+    """The rows of one mode in one ``SlotCache``; a free slot holds ``None``.
+
+    Free slots ride along in forwards as padding until there are more of them
+    than rows, when the cache is compacted (a copy of the rows kept).
+    """
+
+    def __init__(self, model, mode: str, step):
+        self.model, self.mode, self._step = model, mode, step
+        self.cache = SlotCache(model, rows=0)
+        self.rows: list[Optional[Row]] = []
+        self.pending: Optional[mx.array] = None  # AR tokens sampled but not read yet
+        self.seen: Optional[mx.array] = None  # AR rows' penalty contexts, pending included
+
+    @property
+    def active(self) -> list[Row]:
+        return [r for r in self.rows if r is not None]
+
+    def step(self) -> list[tuple[Row, Step]]:
+        return self._step(self) if self.active else []
+
+    def flush(self) -> list[tuple[Row, Step]]:
+        """Read what a pipelined step left in flight (before the slots change)."""
+        if self.pending is None:
+            return []
+        tokens, self.pending = self.pending, None
+        return read_tokens(self, tokens)
+
+    def insert(self, row: Row) -> list[tuple[Row, Step]]:
+        events = self.flush()
+        if None not in self.rows:
+            grow = max(1, len(self.rows))
+            self.cache.add_rows(grow)
+            self.rows += [None] * grow
+        slot = self.rows.index(None)
+        self.cache.put_row(slot, row.cache)
+        self.rows[slot], row.slot, row.group, row.cache = row, slot, self, None
+        return events
+
+    def remove(self, row: Row) -> None:
+        self.rows[row.slot] = None
+        self.cache.lengths[row.slot] = 0
+        row.slot, row.group = -1, None
+
+    def compact(self) -> None:
+        """Drop free slots when they outnumber the rows (or free everything)."""
+        active = [slot for slot, r in enumerate(self.rows) if r is not None]
+        if not active:
+            self.cache, self.rows = SlotCache(self.model, rows=0), []
+        elif len(self.rows) - len(active) > len(active):
+            self.cache.keep_rows(active)
+            self.rows = [self.rows[slot] for slot in active]
+            for slot, r in enumerate(self.rows):
+                r.slot = slot
+
+
+class Engine:
+    """Decodes many requests at once; ``add`` rows, call ``step`` until they are done.
+
+    At most ``max_batch`` rows are in flight (prefilling or decoding); more wait
+    in arrival order. With a ``prefix_cache``, a row starts from the longest
+    reusable prefix it holds and leaves its own state there when it ends.
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        max_batch: int = 32,
+        prefix_cache: Optional[PrefixCache] = None,
+        prefill_step: int = PREFILL_STEP,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
+        self.model, self.max_batch, self.prefill_step = model, max_batch, prefill_step
+        self.prefix_cache = prefix_cache
+        steps = {"ar": ar_step, "spec": spec_step, "diffusion": diffusion_step}
+        self.groups = {mode: Group(model, mode, step) for mode, step in steps.items()}
+        self.waiting: deque[Row] = deque()
+        self.joining: deque[Row] = deque()
+
+    def add(self, prompt: list[int], settings: Settings, sampling: Sampling) -> Row:
+        """Queue a request (already checked, with a concrete seed when sampled)."""
+        row = Row(prompt, settings, sampling, Stats(settings.mode, len(prompt)), list(prompt))
+        self.waiting.append(row)
+        return row
+
+    @property
+    def rows(self) -> list[Row]:
+        """Every row not finished: waiting, joining and decoding."""
+        decoding = [r for g in self.groups.values() for r in g.active]
+        return list(self.waiting) + list(self.joining) + decoding
+
+    def cancel(self, row: Row) -> None:
+        """Stop ``row`` now; its state goes to the prefix cache, as at a normal end."""
+        if row.done:
+            return
+        row.cancelled = row.done = True
+        self._leave(row)
+
+    def step(self) -> list[tuple[Row, Step]]:
+        """Prefill some, decode one step of every mode; the Steps rows made final."""
+        events = self._join()
+        for group in self.groups.values():
+            events += group.step()
+        for group in self.groups.values():
+            if any(r.done for r in group.active):
+                events += group.flush()
+                for row in [r for r in group.active if r.done]:
+                    self._leave(row)
+                group.compact()
+        return events
+
+    def fail(self) -> None:
+        """After an error inside a step: drop every row, and the prefix cache's entries
+        (nothing that a failed step may have touched is kept)."""
+        for row in self.rows:
+            row.done = True
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
+        self.waiting.clear()
+        self.joining.clear()
+        for mode, group in self.groups.items():
+            self.groups[mode] = Group(self.model, mode, group._step)
+
+    def _leave(self, row: Row) -> None:
+        if row in self.waiting:
+            self.waiting.remove(row)
+            return
+        if row in self.joining:
+            self.joining.remove(row)
+            cache = row.cache
+        else:
+            group = row.group
+            group.flush()
+            cache = group.cache.take_row(row.slot) if self.prefix_cache is not None else None
+            group.remove(row)
+            group.compact()
+        if self.prefix_cache is not None and cache is not None:
+            self.prefix_cache.keep(cache, row.seq, row.grid)
+
+    def _join(self) -> list[tuple[Row, Step]]:
+        """Prefill up to ``prefill_step`` prompt tokens of joining rows, in order."""
+        events, budget = [], self.prefill_step
+        while self.waiting and len(self.joining) + self._decoding() < self.max_batch:
+            row = self.waiting.popleft()
+            if row.settings.max_tokens == 0:
+                events.append((row, row.emit([])))
+                continue
+            self._start(row)
+            self.joining.append(row)
+        while self.joining and budget > 0:
+            row = self.joining[0]
+            budget -= self._prefill(row, budget)
+            if self._todo(row):
+                break
+            self.joining.popleft()
+            events += self._joined(row)
+        return events
+
+    def _decoding(self) -> int:
+        return sum(len(g.active) for g in self.groups.values())
+
+    def _start(self, row: Row) -> None:
+        if self.prefix_cache is not None:
+            row.cache = self.prefix_cache.take(self.model, row.prompt, row.grid)
+        else:
+            row.cache = SlotCache(self.model)
+        row.stats.reused_tokens = row.cache.lengths[0]
+
+    def _todo(self, row: Row) -> list[int]:
+        """Prompt tokens still to prefill: all but the last (causal), whole blocks (diffusion)."""
+        end = len(row.seq) - 1 if row.grid is None else len(row.seq) // row.grid * row.grid
+        return row.seq[row.cache.lengths[0] : end]
+
+    def _prefill(self, row: Row, budget: int) -> int:
+        """Feed one chunk of the row's prompt alone; the number of tokens fed."""
+        todo = self._todo(row)
+        if not todo:
+            return 0
+        size = min(len(todo), max(budget, 1))
+        if row.grid is not None:  # whole blocks, so that no query misses a key of its block
+            size = max(row.grid, size // row.grid * row.grid)
+        chunk = todo[:size]
+        run_rows(self.model, row.cache, mx.array([chunk]), [len(chunk)], [row.grid or 1])
+        row.cache.commit([row.cache.lengths[0] + len(chunk)])
+        mx.eval(row.cache.state())
+        return len(chunk)
+
+    def _joined(self, row: Row) -> list[tuple[Row, Step]]:
+        """The prompt is in: causal rows draw their first token alone, then every row
+        takes a slot in its mode's group."""
+        stats = row.stats
+        if row.grid is not None:
+            stats.prefilled()
+            row.start, row.block = len(row.seq), [self.model.args.mask_token_id] * row.grid
+            return self.groups[row.mode].insert(row)
+        cache = row.cache
+        logits = run_rows(self.model, cache, mx.array([row.seq[-1:]]), [1], [1])[:, -1]
+        cache.commit([cache.lengths[0] + 1])
+        stats.forwards += 1
+        stats.rounds += 1  # AR: a token; spec: the anchor's round, no drafts
+        token = next_tokens(self.model, logits, [row], [len(row.seq)])
+        stats.prefilled()
+        events = [(row, row.emit(token.tolist()))]
+        if row.done:
+            if self.prefix_cache is not None:
+                self.prefix_cache.keep(cache, row.seq, None)
+            return events
+        return events + self.groups[row.mode].insert(row)

@@ -1,0 +1,145 @@
+"""The batched engine: every row of a batch decodes exactly as it does alone."""
+
+import pytest
+
+from optiq_dhara.runtime import PrefixCache, generate_batch, generate_ids
+from optiq_dhara.runtime.decode import make_request
+from optiq_dhara.runtime.engine import Engine
+
+MODES = [
+    ("ar", {}),
+    ("spec", {"k": 4}),
+    ("spec", {"k": 8, "block_len": 4}),
+    ("diffusion", {"block_len": 8, "threshold": 0.5}),
+    ("diffusion", {"block_len": 5, "threshold": 0.9}),
+]
+SAMPLING = [
+    {},
+    {"repetition_penalty": 1.3},
+    {"temperature": 0.9, "top_p": 0.9, "min_p": 0.02, "seed": 3},
+    {"temperature": 1.2, "top_k": 40, "repetition_penalty": 1.1, "seed": 8},
+]
+
+
+@pytest.fixture
+def prompts(golden):
+    return [golden["prompt_p1"].tolist(), golden["prompt_p2"].tolist(), [5], list(range(30, 60))]
+
+
+def request(model, mode="ar", max_tokens=16, **kwargs):
+    defaults = dict(
+        temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, seed=None,
+        stop_ids=(), block_len=32, threshold=0.5, k=8,
+    )
+    defaults.update(kwargs)
+    return make_request(model, mode, max_tokens, *defaults.values())
+
+
+def drive(engine, schedule, steps_limit=1000):
+    """Step ``engine``, adding the rows of ``schedule`` {step: [(prompt, settings, sampling)]}
+    at their step; the tokens of each row, in the order added."""
+    rows, outputs = [], {}
+    for step in range(steps_limit):
+        for prompt, settings, sampling in schedule.get(step, []):
+            rows.append(engine.add(prompt, settings, sampling))
+            outputs[id(rows[-1])] = []
+        if step > max(schedule) and not engine.rows:
+            break
+        for row, event in engine.step():
+            outputs[id(row)] += event.tokens
+    return rows, [outputs[id(r)] for r in rows]
+
+
+@pytest.mark.parametrize("mode, extra", MODES)
+@pytest.mark.parametrize("params", SAMPLING)
+def test_batch_rows_equal_lone_runs(golden_model, prompts, mode, extra, params):
+    batch = generate_batch(golden_model, prompts, mode=mode, max_tokens=14, **extra, **params)
+    alone = [
+        generate_ids(golden_model, p, mode=mode, max_tokens=14, **extra, **params) for p in prompts
+    ]
+    assert batch == alone
+
+
+def test_mixed_modes_joining_and_leaving_mid_flight(golden_model, golden, prompts):
+    """Rows of all three modes in one engine, joining at different steps, with
+    stops and lengths that end them at different steps."""
+    stop = golden["greedy_p1"].tolist()[6]
+    asks = [
+        (prompts[0], dict(mode="ar", max_tokens=20)),
+        (prompts[1], dict(mode="diffusion", max_tokens=13, block_len=8)),
+        (prompts[3], dict(mode="spec", max_tokens=17, k=4, temperature=0.8, seed=2)),
+        (prompts[2], dict(mode="ar", max_tokens=9, repetition_penalty=1.2)),
+        (prompts[0], dict(mode="spec", max_tokens=30, stop_ids=[stop])),
+        (prompts[1], dict(mode="diffusion", max_tokens=11, block_len=4, temperature=1.0, seed=5)),
+        (prompts[3], dict(mode="ar", max_tokens=12, temperature=0.7, top_k=20, seed=1)),
+    ]
+    schedule = {}
+    for i, (prompt, kwargs) in enumerate(asks):
+        schedule.setdefault([0, 0, 1, 3, 3, 6, 9][i], []).append(
+            (prompt, *request(golden_model, **kwargs))
+        )
+    _, outputs = drive(Engine(golden_model, max_batch=4, prefill_step=8), schedule)
+    for (prompt, kwargs), out in zip(asks, outputs):
+        kwargs = dict(kwargs)
+        assert out == generate_ids(golden_model, prompt, max_tokens=kwargs.pop("max_tokens"), **kwargs)
+
+
+def test_a_cancelled_row_leaves_and_the_others_go_on(golden_model, prompts):
+    engine = Engine(golden_model)
+    rows = [engine.add(p, *request(golden_model, mode, max_tokens=12)) for p, mode in zip(prompts, ["ar", "spec", "diffusion", "ar"])]
+    out = {id(r): [] for r in rows}
+    for _ in range(3):
+        for row, step in engine.step():
+            out[id(row)] += step.tokens
+    engine.cancel(rows[1])
+    assert rows[1].done and rows[1] not in engine.rows
+    while engine.rows:
+        for row, step in engine.step():
+            out[id(row)] += step.tokens
+    for p, mode, row in zip(prompts, ["ar", "spec", "diffusion", "ar"], rows):
+        lone = generate_ids(golden_model, p, mode=mode, max_tokens=12)
+        got = out[id(row)]
+        assert got == (lone[: len(got)] if row is rows[1] else lone)
+
+
+def test_rows_beyond_max_batch_wait_their_turn(golden_model, prompts):
+    engine = Engine(golden_model, max_batch=2)
+    rows = [engine.add(p, *request(golden_model, max_tokens=6)) for p in prompts]
+    engine.step()
+    assert sum(r in engine.waiting for r in rows) == 2
+    out = generate_batch(golden_model, prompts, max_tokens=6, max_batch=2)
+    assert out == [generate_ids(golden_model, p, max_tokens=6) for p in prompts]
+
+
+def test_rows_share_the_prefix_cache(golden_model, golden):
+    """Rows that start together from a cached prefix each reuse it, and decode as alone."""
+    cache = PrefixCache()
+    prompt = golden["prompt_p2"].tolist()
+    generate_ids(golden_model, prompt, max_tokens=4, prefix_cache=cache)
+    engine = Engine(golden_model, prefix_cache=cache)
+    follow_ups = [prompt + [7, 8], prompt + [9], prompt + [7, 3, 2]]
+    rows = [engine.add(p, *request(golden_model, max_tokens=8)) for p in follow_ups]
+    out = {id(r): [] for r in rows}
+    while engine.rows:
+        for row, step in engine.step():
+            out[id(row)] += step.tokens
+    for row, p in zip(rows, follow_ups):
+        assert row.stats.reused_tokens == len(prompt)
+        assert out[id(row)] == generate_ids(golden_model, p, max_tokens=8)
+    assert len(cache) >= 2
+
+
+def test_prefix_cache_stays_within_its_bytes(golden_model, golden):
+    cache = PrefixCache(max_bytes=1)
+    generate_ids(golden_model, golden["prompt_p1"].tolist(), max_tokens=4, prefix_cache=cache)
+    assert len(cache) == 0
+    cache = PrefixCache()
+    for start in range(3):
+        generate_ids(golden_model, list(range(start, start + 20)), max_tokens=4, prefix_cache=cache)
+    assert len(cache) == 3
+    one = cache.nbytes // 3
+    small = PrefixCache(max_bytes=2 * one)
+    for start in range(3):
+        generate_ids(golden_model, list(range(start, start + 20)), max_tokens=4, prefix_cache=small)
+    assert len(small) == 2 and small.nbytes <= 2 * one
+    assert small.tokens[:20] == list(range(2, 22))
