@@ -346,7 +346,14 @@ class Model(nn.Module):
         input_embeddings: Optional[mx.array] = None,
     ) -> mx.array:
         """Logits [B, L, vocab]. ``mask`` overrides the causal mask (block diffusion)."""
-        h = self.model(inputs, cache, mask, input_embeddings)
+        return self.head(self.model(inputs, cache, mask, input_embeddings))
+
+    def head(self, h: mx.array) -> mx.array:
+        """Soft-capped logits of final hidden states ``h`` [..., hidden].
+
+        Separate from ``__call__`` so a decoder can take the logits of only the
+        positions it reads (the head is most of a small model's work per token).
+        """
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(h)
         else:

@@ -45,7 +45,7 @@ def ar_step(group: "Group") -> list[tuple["Row", Step]]:
     else:
         inputs = pending[:, None]
     real = [1 if r else 0 for r in rows]
-    logits = run_rows(model, cache, inputs, real, [1] * len(rows))[:, -1]
+    logits = model.head(run_rows(model, cache, inputs, real, [1] * len(rows))[:, -1])
     cache.commit([n + k for n, k in zip(cache.lengths, real)])
     ahead = 0 if pending is None else 1
     positions = [len(r.seq) + ahead if r else 0 for r in rows]

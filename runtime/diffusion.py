@@ -56,25 +56,33 @@ def diffusion_step(group: "Group") -> list[tuple["Row", Step]]:
     mask_id, vocab = model.args.mask_token_id, model.args.vocab_size
     tails = [r.seq[cache.lengths[b] : r.start] + r.block if r else [] for b, r in enumerate(slots)]
     grids = [r.grid if r else 1 for r in slots]
-    logits = run_rows(model, cache, padded([t or [0] for t in tails]), [len(t) for t in tails], grids)
-    frozen = [r.start // r.grid * r.grid if r else 0 for r in slots]
-    cache.commit(frozen)
-    results = []
-    for b, row in enumerate(slots):
-        if row is None:
-            continue
-        masked = [i for i, t in enumerate(row.block) if t == mask_id]
-        base = len(tails[b]) - len(row.block)
-        rows = logits[b][mx.array([base + i for i in masked])]
-        committed = [t for t in row.block if t != mask_id]
+    hidden = run_rows(
+        model, cache, padded([t or [0] for t in tails]), [len(t) for t in tails], grids
+    )
+    cache.commit([r.start // r.grid * r.grid if r else 0 for r in slots])
+    where = [  # (slot, masked block indices, their columns in the forward)
+        (b, masked, [len(tails[b]) - len(r.block) + i for i in masked])
+        for b, r in enumerate(slots)
+        if r is not None
+        for masked in [[i for i, t in enumerate(r.block) if t == mask_id]]
+    ]
+    slot_index = mx.array([b for b, _, columns in where for _ in columns])
+    column_index = mx.array([c for _, _, columns in where for c in columns])
+    logits = model.head(hidden[slot_index, column_index])
+    results, first = [], 0
+    for b, masked, _ in where:
+        row = slots[b]
+        rows = logits[first : first + len(masked)]
+        first += len(masked)
         seen = None
         if row.sampling.repetition_penalty != 1.0:
+            committed = [t for t in row.block if t != mask_id]
             seen = presence(row.seq[: row.start] + committed, vocab)
         positions = [row.start + i for i in masked]
-        settings = row.settings
-        results.append(
-            (row, masked, denoise_arrays(rows, seen, positions, row.sampling, settings.threshold, mask_id))
+        arrays = denoise_arrays(
+            rows, seen, positions, row.sampling, row.settings.threshold, mask_id
         )
+        results.append((row, masked, arrays))
     mx.eval([arrays for _, _, arrays in results])
     events = []
     for row, masked, (tokens, commit) in results:

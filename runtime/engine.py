@@ -89,13 +89,14 @@ class Row:
 def run_rows(
     model, cache: SlotCache, tokens: mx.array, real: Sequence[int], grids: Sequence[int]
 ) -> mx.array:
-    """Logits [rows, L, vocab] of ``tokens`` [rows, L] appended at each row's length.
+    """Final hidden states [rows, L, hidden] of ``tokens`` [rows, L] appended at each
+    row's length; ``model.head`` turns the positions a step reads into logits.
 
     Row b's first ``real[b]`` tokens are real (the rest padding), under block
     grid ``grids[b]`` (1: causal). The caller commits the rows' new lengths.
     """
     mask = cache.prepare(tokens.shape[1], real, grids)
-    return model(tokens, cache=cache.layers, mask=mask)
+    return model.model(tokens, cache=cache.layers, mask=mask)
 
 
 def padded(rows: Sequence[Sequence[int]], fill: int = 0) -> mx.array:
@@ -302,7 +303,8 @@ class Engine:
             row.start, row.block = len(row.seq), [self.model.args.mask_token_id] * row.grid
             return self.groups[row.mode].insert(row)
         cache = row.cache
-        logits = run_rows(self.model, cache, mx.array([row.seq[-1:]]), [1], [1])[:, -1]
+        hidden = run_rows(self.model, cache, mx.array([row.seq[-1:]]), [1], [1])
+        logits = self.model.head(hidden[:, -1])
         cache.commit([cache.lengths[0] + 1])
         stats.forwards += 1
         stats.rounds += 1  # AR: a token; spec: the anchor's round, no drafts

@@ -63,7 +63,7 @@ def spec_step(group: "Group") -> list[tuple["Row", Step]]:
         window = padded([[0] + [mask_id] * (w - 1) for w in widths])
         window = mx.concatenate([anchors, window[:, 1:]], axis=1)
         grids = [r.settings.block_len if r else 1 for r in slots]
-        logits = run_rows(model, cache, window, widths, grids)[:, 1:]
+        logits = model.head(run_rows(model, cache, window, widths, grids)[:, 1:])
         cache.commit(before)
         flat = logits.reshape(-1, logits.shape[-1])
         positions = [len(r.seq) + j if r else 0 for r in slots for j in range(width - 1)]
@@ -75,7 +75,7 @@ def spec_step(group: "Group") -> list[tuple["Row", Step]]:
         drafts = next_tokens(model, flat, _repeat(slots, width - 1), positions, seen)
         drafts = drafts.reshape(len(slots), width - 1).astype(mx.int32)
     window = mx.concatenate([anchors.astype(mx.int32), drafts], axis=1)
-    logits = run_rows(model, cache, window, widths, [1] * len(slots))
+    logits = model.head(run_rows(model, cache, window, widths, [1] * len(slots)))
     positions = [len(r.seq) + j if r else 0 for r in slots for j in range(width)]
     plain = [r if r and r.sampling.repetition_penalty == 1.0 else None for r in slots]
     flat = logits.reshape(-1, logits.shape[-1])

@@ -1,27 +1,40 @@
 """Text in, text out: chat template, stop tokens and strings, Hermes tool calls.
 
 Text is released only when it is final: never a stop string or the text after
-it, never half of a multi-byte character, never the text of a stop token.
+it, never half of a multi-byte character, never the text of a stop or special
+token.
 """
 
+import functools
 import json
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+
+from mlx_lm.tokenizer_utils import (
+    BPEStreamingDetokenizer,
+    NaiveStreamingDetokenizer,
+    SPMStreamingDetokenizer,
+    StreamingDetokenizer,
+    TokenizerWrapper,
+    _is_bpe_decoder,
+    _is_spm_decoder,
+    _is_spm_decoder_no_space,
+)
 
 from ..train.tokenizer import CHATML_TEMPLATE
 from .decode import decode
-from .stats import Stats
+from .stats import Stats, Step
 
-Prompt = Union[str, Sequence[dict]]
+Prompt = str | Sequence[dict]
 TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 CHAT_END = "<|im_end|>"
 
 
 @dataclass
 class TextChunk:
-    """New final text, the tokens of the step that produced it, and the stats so far.
+    """New final text, the tokens decoded since the previous chunk, and the stats so far.
 
     ``finish_reason`` is set on the last chunk only: "stop" (a stop token or
     string) or "length".
@@ -30,7 +43,7 @@ class TextChunk:
     text: str
     tokens: list[int]
     stats: Stats
-    finish_reason: Optional[str] = None
+    finish_reason: str | None = None
 
 
 def encode_prompt(tokenizer, prompt: Prompt, *, chat: bool, tools=None) -> list[int]:
@@ -64,9 +77,16 @@ def stop_token_ids(tokenizer) -> set[int]:
     return ids
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids that are never text: the special tokens and any added token marked special."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
+    return ids
+
+
 def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters could still become a stop string or a character."""
-    held = len(text) - len(text.rstrip("\ufffd"))
+    """How many trailing characters could still become the start of a stop string."""
+    held = 0
     for stop in stops:
         for size in range(min(len(stop) - 1, len(text)), held, -1):
             if text.endswith(stop[:size]):
@@ -75,12 +95,109 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     return held
 
 
+@functools.lru_cache(maxsize=4)
+def _wrapped(tokenizer) -> TokenizerWrapper:
+    """A plain HF tokenizer with the streaming detokenizer mlx-lm's ``load`` would give it.
+
+    Cached because building a detokenizer maps the whole vocabulary.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    decoder = json.loads(backend.to_str()).get("decoder") if backend else None
+    if _is_spm_decoder(decoder):
+        detokenizer = SPMStreamingDetokenizer
+    elif _is_spm_decoder_no_space(decoder):
+        detokenizer = functools.partial(SPMStreamingDetokenizer, trim_space=False)
+    elif _is_bpe_decoder(decoder):
+        detokenizer = BPEStreamingDetokenizer
+    else:
+        detokenizer = NaiveStreamingDetokenizer
+    return TokenizerWrapper(tokenizer, detokenizer)
+
+
+def _as_wrapper(tokenizer) -> TokenizerWrapper:
+    return tokenizer if isinstance(tokenizer, TokenizerWrapper) else _wrapped(tokenizer)
+
+
+def _keep_space(text: str) -> str:
+    return text
+
+
+def streaming_detokenizer(tokenizer) -> StreamingDetokenizer:
+    """A fresh detokenizer: text in time linear in the tokens, where ``decode`` is quadratic.
+
+    mlx-lm's byte-level one drops the first space of the text; ``decode`` keeps
+    it, and so does this one.
+    """
+    detokenizer = _as_wrapper(tokenizer).detokenizer
+    if isinstance(detokenizer, BPEStreamingDetokenizer):
+        detokenizer._maybe_trim_space = _keep_space
+    return detokenizer
+
+
+class TextStream:
+    """The text of one request, made from its decoding steps one at a time.
+
+    The caller decodes with ``stop_ids`` and feeds each step; this class owns no
+    decoder, so a batched engine can drive one per row. ``finished`` is set by
+    the chunk that ends the text; ``stopped_by_string`` says a stop string ended
+    it, which the decoder does not know: the caller stops that row. The work per
+    step does not grow with the text: tokens go through a streaming detokenizer
+    (which also holds back half characters) and stop strings are looked for in
+    the unsent text only.
+    """
+
+    def __init__(self, tokenizer, *, stop: Sequence[str] = (), stop_ids: Iterable[int] = ()):
+        tokenizer = _as_wrapper(tokenizer)
+        self.stop_ids = frozenset(stop_token_ids(tokenizer) | {int(t) for t in stop_ids})
+        self._stops = [s for s in stop if s]
+        self._skip = self.stop_ids | special_token_ids(tokenizer)  # never text
+        self._vocab_size = len(tokenizer)  # a model's vocabulary may be padded past it
+        self._detokenizer = streaming_detokenizer(tokenizer)
+        self._unsent = ""  # final text held back because it may start a stop string
+        self._tokens: list[int] = []  # tokens since the last chunk
+        self.finished = False
+        self.stopped_by_string = False
+
+    def feed(self, step: Step) -> TextChunk | None:
+        """The new final text after ``step``, or None while there is none and the run goes on.
+
+        The chunk that ends the text has ``finish_reason`` set; a stop string
+        ends it with "stop", also in ``step.stats``.
+        """
+        if self.finished:
+            raise RuntimeError("this request's text has ended; feed no more steps.")
+        self._tokens += step.tokens
+        for token in step.tokens:
+            if token not in self._skip and token < self._vocab_size:
+                self._detokenizer.add_token(token)
+        if step.stats.finish_reason:
+            self._detokenizer.finalize()
+        text = self._unsent + self._detokenizer.last_segment
+        hits = [i for i in (text.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped_by_string = True
+            step.stats.finish_reason = "stop"
+            end = min(hits)
+        elif step.stats.finish_reason:
+            end = len(text)
+        else:
+            end = len(text) - held_back(text, self._stops)
+        self.finished = step.stats.finish_reason is not None
+        if not end and not self.finished:
+            self._unsent = text
+            return None
+        self._unsent = text[end:]
+        chunk = TextChunk(text[:end], self._tokens, step.stats, step.stats.finish_reason)
+        self._tokens = []
+        return chunk
+
+
 def stream_text(
     model,
     tokenizer,
     prompt: Prompt,
     *,
-    tools: Optional[list[dict]] = None,
+    tools: list[dict] | None = None,
     stop: Sequence[str] = (),
     chat: bool,
     **decode_kwargs,
@@ -90,31 +207,18 @@ def stream_text(
     Decoding stops at the tokenizer's stop tokens (and any ``stop_ids`` given),
     and at the first of the ``stop`` strings, which is not part of the text.
     """
-    stops = [s for s in stop if s]
-    stop_ids = stop_token_ids(tokenizer) | set(decode_kwargs.pop("stop_ids", ()))
+    stream = TextStream(tokenizer, stop=stop, stop_ids=decode_kwargs.pop("stop_ids", ()))
     ids = encode_prompt(tokenizer, prompt, chat=chat, tools=tools)
-    steps = decode(model, ids, stop_ids=stop_ids, **decode_kwargs)
-    tokens: list[int] = []
-    sent = 0
+    steps = decode(model, ids, stop_ids=stream.stop_ids, **decode_kwargs)
     with closing(steps):
         for step in steps:
-            tokens += [t for t in step.tokens if t not in stop_ids]
-            text = tokenizer.decode(tokens)
-            hits = [i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0]
-            if hits:
-                step.stats.finish_reason = "stop"
-                end = min(hits)
-            elif step.stats.finish_reason:
-                end = len(text)
-            else:
-                end = len(text) - held_back(text, stops)
-            reason = step.stats.finish_reason
-            if reason:  # hand the state to the prefix cache before the caller sees the end
+            chunk = stream.feed(step)
+            if stream.finished:  # hand the state to the prefix cache before the caller sees the end
                 steps.close()
-            yield TextChunk(text[sent:end], step.tokens, step.stats, reason)
-            if reason:
+                yield chunk
                 return
-            sent = max(sent, end)
+            if chunk:
+                yield chunk
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict]]:

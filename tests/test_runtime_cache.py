@@ -98,16 +98,14 @@ class FailsAfter:
     """The golden model, raising at its ``calls``-th forward."""
 
     def __init__(self, model, calls: int):
-        self.model, self.args, self.calls = model, model.args, calls
+        self.golden, self.args, self.calls = model, model.args, calls
+        self.head = model.head
 
-    def make_cache(self):
-        return self.model.make_cache()
-
-    def __call__(self, inputs, cache=None, mask=None):
+    def model(self, inputs, cache=None, mask=None):
         self.calls -= 1
         if self.calls == 0:
             raise RuntimeError("boom")
-        return self.model(inputs, cache=cache, mask=mask)
+        return self.golden.model(inputs, cache=cache, mask=mask)
 
 
 def test_a_failed_run_leaves_nothing_behind(golden_model, golden):
@@ -119,5 +117,5 @@ def test_a_failed_run_leaves_nothing_behind(golden_model, golden):
     with pytest.raises(RuntimeError, match="boom"):
         generate_ids(failing, prompt, mode="spec", max_tokens=20, prefix_cache=cache)
     assert cache.tokens == []
-    out, stats = run(failing.model, prompt, mode="spec", max_tokens=20, prefix_cache=cache)
+    out, stats = run(failing.golden, prompt, mode="spec", max_tokens=20, prefix_cache=cache)
     assert out == golden["greedy_p1"].tolist()[:20] and stats.reused_tokens == 0
