@@ -196,10 +196,11 @@ class SlotCache:
         self.lengths = [self.lengths[r] for r in rows]
         self._offsets = mx.array(self.lengths)
 
-    def put_row(self, row: int, source: "SlotCache") -> None:
-        """Row ``row`` takes the state of ``source``'s single row (copied in)."""
-        length = source.lengths[0]
+    def put_row(self, row: int, source: "SlotCache", source_row: int = 0) -> None:
+        """Row ``row`` takes the state of ``source``'s row ``source_row`` (copied in)."""
+        length = source.lengths[source_row]
         self._reserve(length)
+        take = slice(source_row, source_row + 1)
         for name, theirs in source._buffers().items():
             mine, axis = self._buffers()[name], _POSITION_AXIS[name]
             for i, a in enumerate(theirs):
@@ -207,14 +208,22 @@ class SlotCache:
                     continue
                 target = self._buffer(mine, i, a, axis)
                 span = (slice(None),) * (axis - 1) + (slice(0, length),)
-                target[(slice(row, row + 1),) + span] = a[(slice(None),) + span]
+                target[(slice(row, row + 1),) + span] = a[(take,) + span]
         for i, tail in enumerate(source.tails):
             if tail is not None:
                 if self.tails[i] is None:
                     self.tails[i] = mx.zeros((self.rows, *tail.shape[1:]), tail.dtype)
-                self.tails[i][row : row + 1] = tail
+                self.tails[i][row : row + 1] = tail[take]
         self.lengths[row] = length
         self._offsets = mx.array(self.lengths)
+
+    @classmethod
+    def stack(cls, caches: Sequence["SlotCache"]) -> "SlotCache":
+        """One cache whose row i is a copy of the single row of ``caches[i]``."""
+        out = cls(caches[0].model, rows=len(caches))
+        for i, cache in enumerate(caches):
+            out.put_row(i, cache)
+        return out
 
     def take_row(self, row: int) -> "SlotCache":
         """A one-row cache with a copy of row ``row``'s state, evaluated and sharing

@@ -133,14 +133,15 @@ class Group:
         tokens, self.pending = self.pending, None
         return read_tokens(self, tokens)
 
-    def insert(self, row: Row) -> list[tuple[Row, Step]]:
+    def insert(self, row: Row, source: SlotCache, index: int) -> list[tuple[Row, Step]]:
+        """Give ``row`` a slot holding row ``index`` of ``source`` (its prefilled state)."""
         events = self.flush()
         if None not in self.rows:
             grow = max(1, len(self.rows))
             self.cache.add_rows(grow)
             self.rows += [None] * grow
         slot = self.rows.index(None)
-        self.cache.put_row(slot, row.cache)
+        self.cache.put_row(slot, source, index)
         self.rows[slot], row.slot, row.group, row.cache = row, slot, self, None
         return events
 
@@ -247,8 +248,9 @@ class Engine:
             self.prefix_cache.keep(cache, row.seq, row.grid)
 
     def _join(self) -> list[tuple[Row, Step]]:
-        """Prefill up to ``prefill_step`` prompt tokens of joining rows, in order."""
-        events, budget = [], self.prefill_step
+        """Admit waiting rows, then prefill up to ``prefill_step`` prompt tokens of the
+        joining rows (in arrival order, together in one forward)."""
+        events = []
         while self.waiting and len(self.joining) + self._decoding() < self.max_batch:
             row = self.waiting.popleft()
             if row.settings.max_tokens == 0:
@@ -256,13 +258,8 @@ class Engine:
                 continue
             self._start(row)
             self.joining.append(row)
-        while self.joining and budget > 0:
-            row = self.joining[0]
-            budget -= self._prefill(row, budget)
-            if self._todo(row):
-                break
-            self.joining.popleft()
-            events += self._joined(row)
+        if self.joining:
+            events += self._prefill(self._chunks())
         return events
 
     def _decoding(self) -> int:
@@ -275,44 +272,74 @@ class Engine:
             row.cache = SlotCache(self.model)
         row.stats.reused_tokens = row.cache.lengths[0]
 
-    def _todo(self, row: Row) -> list[int]:
-        """Prompt tokens still to prefill: all but the last (causal), whole blocks (diffusion)."""
+    @staticmethod
+    def _todo(row: Row, held: Optional[int] = None) -> list[int]:
+        """Prompt tokens still to prefill after the ``held`` ones (default: the row's
+        cache): all but the last (causal), whole blocks (diffusion)."""
+        held = row.cache.lengths[0] if held is None else held
         end = len(row.seq) - 1 if row.grid is None else len(row.seq) // row.grid * row.grid
-        return row.seq[row.cache.lengths[0] : end]
+        return row.seq[held:end]
 
-    def _prefill(self, row: Row, budget: int) -> int:
-        """Feed one chunk of the row's prompt alone; the number of tokens fed."""
-        todo = self._todo(row)
-        if not todo:
-            return 0
-        size = min(len(todo), max(budget, 1))
-        if row.grid is not None:  # whole blocks, so that no query misses a key of its block
-            size = max(row.grid, size // row.grid * row.grid)
-        chunk = todo[:size]
-        run_rows(self.model, row.cache, mx.array([chunk]), [len(chunk)], [row.grid or 1])
-        row.cache.commit([row.cache.lengths[0] + len(chunk)])
-        mx.eval(row.cache.state())
-        return len(chunk)
+    def _chunks(self) -> list[tuple[Row, list[int]]]:
+        """The next prompt chunk of each joining row that the step's budget reaches."""
+        chunks, budget = [], self.prefill_step
+        for row in self.joining:
+            todo = self._todo(row)
+            size = min(len(todo), max(budget, 1))
+            if row.grid is not None and size:  # whole blocks: no query misses a key of its block
+                size = max(row.grid, size // row.grid * row.grid)
+            chunks.append((row, todo[:size]))
+            budget -= size
+            if budget <= 0:
+                break
+        return chunks
 
-    def _joined(self, row: Row) -> list[tuple[Row, Step]]:
-        """The prompt is in: causal rows draw their first token alone, then every row
-        takes a slot in its mode's group."""
-        stats = row.stats
-        if row.grid is not None:
+    def _prefill(self, chunks: list[tuple[Row, list[int]]]) -> list[tuple[Row, Step]]:
+        """Feed each row its chunk in one forward; rows whose prompt is then in draw
+        their first token (causal modes) in a second one and take a slot in their group."""
+        rows = [row for row, _ in chunks]
+        cache = rows[0].cache if len(rows) == 1 else SlotCache.stack([r.cache for r in rows])
+        if any(chunk for _, chunk in chunks):
+            real = [len(chunk) for _, chunk in chunks]
+            grids = [row.grid or 1 for row in rows]
+            run_rows(self.model, cache, padded([c or [0] for _, c in chunks]), real, grids)
+            cache.commit([n + k for n, k in zip(cache.lengths, real)])
+            mx.eval(cache.state())
+        done = [not self._todo(row, cache.lengths[i]) for i, row in enumerate(rows)]
+        causal = [d and row.grid is None for d, row in zip(done, rows)]
+        events = self._first_tokens(rows, cache, causal) if any(causal) else []
+        for i, row in enumerate(rows):
+            if not done[i]:
+                row.cache = cache if len(rows) == 1 else cache.take_row(i)
+                continue
+            self.joining.remove(row)
+            if row.done:  # ended with its first token
+                if self.prefix_cache is not None:
+                    self.prefix_cache.keep(cache.take_row(i), row.seq, None)
+                continue
+            if row.grid is not None:
+                row.stats.prefilled()
+                row.start, row.block = len(row.seq), [self.model.args.mask_token_id] * row.grid
+            events += self.groups[row.mode].insert(row, cache, i)
+        return events
+
+    def _first_tokens(self, rows: list[Row], cache: SlotCache, which: list[bool]):
+        """The first generated token of the rows flagged in ``which``, from their
+        prompt's last token."""
+        real = [1 if w else 0 for w in which]
+        tokens = mx.array([[row.seq[-1]] for row in rows])
+        hidden = run_rows(self.model, cache, tokens, real, [1] * len(rows))
+        cache.commit([n + k for n, k in zip(cache.lengths, real)])
+        chosen = [i for i, w in enumerate(which) if w]
+        logits = self.model.head(hidden[mx.array(chosen), -1])
+        picked = [rows[i] for i in chosen]
+        drawn = next_tokens(self.model, logits, picked, [len(r.seq) for r in picked]).tolist()
+        events = []
+        for row, token in zip(picked, drawn):
+            stats = row.stats
+            stats.forwards += 1
+            stats.rounds += 1  # AR: a token; spec: the anchor's round, with no drafts
             stats.prefilled()
-            row.start, row.block = len(row.seq), [self.model.args.mask_token_id] * row.grid
-            return self.groups[row.mode].insert(row)
-        cache = row.cache
-        hidden = run_rows(self.model, cache, mx.array([row.seq[-1:]]), [1], [1])
-        logits = self.model.head(hidden[:, -1])
-        cache.commit([cache.lengths[0] + 1])
-        stats.forwards += 1
-        stats.rounds += 1  # AR: a token; spec: the anchor's round, no drafts
-        token = next_tokens(self.model, logits, [row], [len(row.seq)])
-        stats.prefilled()
-        events = [(row, row.emit(token.tolist()))]
-        if row.done:
-            if self.prefix_cache is not None:
-                self.prefix_cache.keep(cache, row.seq, None)
-            return events
-        return events + self.groups[row.mode].insert(row)
+            events.append((row, row.emit([token])))
+        return events
+
