@@ -16,10 +16,38 @@ otherwise, so whatever mlx-lm does to the store behind its back can cost a copy
 but never give a wrong answer.
 """
 
-from typing import Optional
+from typing import Optional, Protocol, Union
 
 import mlx.core as mx
 from mlx_lm.models.cache import CacheList, KVCache, trim_prompt_cache
+
+
+class LayerCache(Protocol):
+    """What a decoder layer asks of its cache during a forward.
+
+    ``DharaCache`` (mlx-lm's protocol: one length for the whole batch) and the
+    runtime's ``SlotLayer`` (a length per row) implement it.
+    """
+
+    @property
+    def offset(self) -> Union[int, mx.array]:
+        """Position of the first new token: one int, or one per row."""
+
+    @property
+    def kv(self):
+        """The attention cache handed to mlx-lm's ``scaled_dot_product_attention``."""
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append the new keys/values [B, H, L, D]; every key/value the queries may see."""
+
+    def canon_history(self, zeros: mx.array) -> mx.array:
+        """The last K-1 canon inputs [B, K-1, width] before the new tokens (zeros if none)."""
+
+    def canon_valid(self, length: int, new: int) -> Optional[mx.array]:
+        """[B, length + new, 1] real-token flags of history and new rows, or None if all are."""
+
+    def append_canon(self, history: mx.array, inputs: mx.array) -> mx.array:
+        """Store the new canon inputs [B, L, width]; an array the layer output depends on."""
 
 
 class DharaCache(CacheList):

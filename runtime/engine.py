@@ -7,13 +7,14 @@ draft-verify round (two forwards) for the self-speculation rows, one denoising
 step (one forward) for the block diffusion rows. Rows join and leave between
 steps. ``decode``, ``generate_batch``, the CLI and the server all drive this loop.
 
-Contracts. The engine gives the model a ``SlotCache``'s per-layer views and an
-explicit mask: the model reads each row's positions from the cache's ``offset``,
-appends KV and canon inputs through it, and never rolls anything back itself.
-The mode step functions (``ar``, ``spec``, ``diffusion`` modules) own what a row
-means, the engine owns where rows sit. A row's tokens are exactly those it gets
-alone: it is prefilled alone, every batched computation is row by row, and its
-random draws depend only on (seed, position).
+Contracts (``contracts.py``): the engine gives the model a ``RowCache``'s
+per-layer views and an explicit mask; the model reads each row's positions from
+the cache's ``offset``, appends KV and canon inputs through it, returns hidden
+states, and never rolls anything back itself; ``model.head`` makes logits of
+only the positions a step reads. The mode step functions (``ar``, ``spec``,
+``diffusion`` modules) own what a row means, the engine owns where rows sit. A
+row's tokens are those it gets alone: every batched computation is row by row
+(padding is masked out), and its random draws depend only on (seed, position).
 """
 
 from collections import deque
