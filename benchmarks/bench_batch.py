@@ -86,7 +86,9 @@ def main(
         from mlx_lm import load
 
         model, tokenizer = load(str(model_path))
-        text = "class Record:\n\n    def __init__(self, name, value=None):\n        self.name = name\n"
+        text = (
+            "class Record:\n\n    def __init__(self, name, value=None):\n        self.name = name\n"
+        )
         text_ids = tokenizer.encode(text * 8)
         name = model_path.name
     else:

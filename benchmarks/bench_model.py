@@ -140,7 +140,7 @@ def main(
         tps = prefill / statistics.median(fill[name])
         peak, size = peaks[name] / 1e6, weights[name] / 1e6
         typer.echo(f"{name:8}{ms:18.2f}{tps:16.0f}{peak:10.0f}{size:12.0f}")
-    paired = [d / l for d, l in zip(decode["dhara"], decode["llama"])]
+    paired = [d / ll for d, ll in zip(decode["dhara"], decode["llama"])]
     ratio = statistics.median(decode["dhara"]) / statistics.median(decode["llama"])
     typer.echo(
         f"decode time dhara/llama: {ratio:.3f} "

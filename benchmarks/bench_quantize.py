@@ -29,8 +29,11 @@ from mlx.utils import tree_flatten, tree_map_with_path
 from mlx_lm.convert import mixed_quant_predicate_builder
 from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
 from mlx_lm.utils import load, quantize_model
+
 from optiq_dhara.convert import convert
 from optiq_dhara.convert.source import cast
+from optiq_dhara.metrics import MODES, compare
+from optiq_dhara.model import Model, ModelArgs
 from optiq_dhara.quantize import (
     allocate,
     load_calibration,
@@ -43,9 +46,6 @@ from optiq_dhara.quantize import (
 from optiq_dhara.quantize.apply import as_float32
 from optiq_dhara.quantize.budget import Budget
 from optiq_dhara.quantize.modules import Grouping, parameter_count
-
-from optiq_dhara.metrics import MODES, compare
-from optiq_dhara.model import Model, ModelArgs
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests/fixtures/golden_tiny"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import typer
 from mlx_lm.utils import load_tokenizer
+
 from optiq_dhara.runtime import Stats, Step
 from optiq_dhara.runtime.text import TextStream, stop_token_ids
 

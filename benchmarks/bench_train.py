@@ -57,7 +57,9 @@ def class_task(limit: int, task: str) -> dict[str, list[dict]]:
                 completion = f"    def __hash__(self):\n        return hash(({fields},))"
             else:
                 values = ", ".join(f"{p}={rng.choice(DEFAULTS)}" for p in params)
-                completion = f"    @classmethod\n    def defaults(cls):\n        return cls({values})"
+                completion = (
+                    f"    @classmethod\n    def defaults(cls):\n        return cls({values})"
+                )
             records.append({"prompt": prompt, "completion": completion})
         splits[name] = records
     return splits
@@ -68,7 +70,9 @@ def write_task(folder: Path, task: dict[str, list[dict]]) -> None:
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def measure(model, tokenizer, data: Path, config: LoraConfig, prompts: int, new_tokens: int) -> dict:
+def measure(
+    model, tokenizer, data: Path, config: LoraConfig, prompts: int, new_tokens: int
+) -> dict:
     test = load_jsonl_splits(data, tokenizer, mask_prompt=True)["test"]
     batches = dataset_batches(test, config.batch_size, model.args.mask_token_id, seed=1)
     losses = evaluate_losses(model, batches, 1.0, config.block_len, seed=1)
@@ -89,7 +93,9 @@ def main(
     examples: int = 400,
     prompts: int = 24,
     new_tokens: int = 48,
-    task: str = typer.Option("defaults", help="defaults (random values) or hash (determined by the prompt)."),
+    task: str = typer.Option(
+        "defaults", help="defaults (random values) or hash (determined by the prompt)."
+    ),
     out: Path = typer.Option(None, help="Also write the results as JSON here."),
 ) -> None:
     if task not in ("defaults", "hash"):
@@ -100,31 +106,48 @@ def main(
         data.mkdir()
         write_task(data, class_task(examples, task))
         base, tokenizer = mlx_lm.load(str(model))
-        common = dict(iters=iters, batch_size=batch_size, learning_rate=learning_rate, rank=rank,
-                      num_layers=-1, mask_prompt=True, steps_per_report=max(iters // 4, 1),
-                      steps_per_eval=iters, val_batches=4, spec_prompts=0)
+        common = dict(
+            iters=iters,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            rank=rank,
+            num_layers=-1,
+            mask_prompt=True,
+            steps_per_report=max(iters // 4, 1),
+            steps_per_eval=iters,
+            val_batches=4,
+            spec_prompts=0,
+        )
         results["base"] = measure(base, tokenizer, data, LoraConfig(**common), prompts, new_tokens)
         for objective in ("joint", "ar"):
             config = LoraConfig(objective=objective, **common)
-            trained, history = run_lora(model, data, Path(scratch) / objective, config, report=lambda e: None)
+            trained, history = run_lora(
+                model, data, Path(scratch) / objective, config, report=lambda e: None
+            )
             reports = [e for e in history if "tokens_per_s" in e]
             results[objective] = {
                 **measure(trained, tokenizer, data, config, prompts, new_tokens),
                 "train_tokens_per_s": sum(e["tokens_per_s"] for e in reports) / len(reports),
                 "peak_memory_gb": max(e["peak_memory_gb"] for e in reports),
             }
-    print("| model | task AR loss | task diffusion loss | diffusion tokens/forward (0.5) "
-          "| self-spec accepted/round (k=8) | train tokens/s | peak memory GB |")
+    print(
+        "| model | task AR loss | task diffusion loss | diffusion tokens/forward (0.5) "
+        "| self-spec accepted/round (k=8) | train tokens/s | peak memory GB |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         speed = f"{r['train_tokens_per_s']:.0f}" if "train_tokens_per_s" in r else "-"
         memory = f"{r['peak_memory_gb']:.2f}" if "peak_memory_gb" in r else "-"
-        print(f"| {name} | {r['ar_loss']:.3f} | {r['diffusion_loss']:.3f} | {r['diffusion_tpf_0.5']:.2f} "
-              f"| {r['spec_accepted_k8']:.2f} | {speed} | {memory} |")
+        print(
+            f"| {name} | {r['ar_loss']:.3f} | {r['diffusion_loss']:.3f} | {r['diffusion_tpf_0.5']:.2f} "
+            f"| {r['spec_accepted_k8']:.2f} | {speed} | {memory} |"
+        )
     base, joint, ar = results["base"], results["joint"], results["ar"]
-    print(f"joint / base: diffusion tokens/forward {joint['diffusion_tpf_0.5'] / base['diffusion_tpf_0.5']:.3f}, "
-          f"self-spec accepted {joint['spec_accepted_k8'] / max(base['spec_accepted_k8'], 1e-9):.3f}; "
-          f"AR loss joint / ar-only {joint['ar_loss'] / ar['ar_loss']:.3f}")
+    print(
+        f"joint / base: diffusion tokens/forward {joint['diffusion_tpf_0.5'] / base['diffusion_tpf_0.5']:.3f}, "
+        f"self-spec accepted {joint['spec_accepted_k8'] / max(base['spec_accepted_k8'], 1e-9):.3f}; "
+        f"AR loss joint / ar-only {joint['ar_loss'] / ar['ar_loss']:.3f}"
+    )
     if out is not None:
         out.write_text(json.dumps(results, indent=2) + "\n")
 

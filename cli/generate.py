@@ -95,17 +95,34 @@ def _print_reply(chunks) -> None:
         typer.echo(format_stats(last.stats), err=True)
 
 
-
 def _decoding(
-    mode: Mode, max_tokens: int, temp: float, top_p: float, top_k: int, min_p: float,
-    repetition_penalty: float, seed: Optional[int], block_len: int, threshold: float, k: int,
+    mode: Mode,
+    max_tokens: int,
+    temp: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    repetition_penalty: float,
+    seed: Optional[int],
+    block_len: int,
+    threshold: float,
+    k: int,
 ) -> dict:
     """The runtime's decoding keywords from the shared command options."""
     return dict(
-        mode=mode.value, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k,
-        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, block_len=block_len,
-        threshold=threshold, k=k,
+        mode=mode.value,
+        max_tokens=max_tokens,
+        temperature=temp,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        block_len=block_len,
+        threshold=threshold,
+        k=k,
     )
+
 
 @app.command()
 def generate(
@@ -144,8 +161,19 @@ def generate(
         source,
         chat=chat,
         stop=tuple(stop or ()),
-        **_decoding(mode, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
-                    block_len, threshold, k),
+        **_decoding(
+            mode,
+            max_tokens,
+            temp,
+            top_p,
+            top_k,
+            min_p,
+            repetition_penalty,
+            seed,
+            block_len,
+            threshold,
+            k,
+        ),
     )
     _print_reply(chunks)
 
@@ -179,8 +207,19 @@ def chat(
         loaded,
         tokenizer,
         system=system,
-        **_decoding(mode, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed,
-                    block_len, threshold, k),
+        **_decoding(
+            mode,
+            max_tokens,
+            temp,
+            top_p,
+            top_k,
+            min_p,
+            repetition_penalty,
+            seed,
+            block_len,
+            threshold,
+            k,
+        ),
     )
     typer.echo(f"chatting with {model} in {session.mode} mode; {HELP}")
     while True:

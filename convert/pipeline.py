@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence, Union
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import load_model, save_config, save_model
+
 from optiq_dhara.quantize.allocate import allocate, module_points
 from optiq_dhara.quantize.apply import (
     as_float32,
@@ -253,7 +254,9 @@ def _verify(
     return achieved
 
 
-def _uniform(reference: nn.Module, modules: list[Quantizable], bits: int, grouping: Grouping, dtype):
+def _uniform(
+    reference: nn.Module, modules: list[Quantizable], bits: int, grouping: Grouping, dtype
+):
     model = cast(copy.deepcopy(reference), dtype)
     plan = {m.path: bits for m in modules}
     quantize_to_plan(model, plan, grouping.sizes(modules, plan))
@@ -261,7 +264,10 @@ def _uniform(reference: nn.Module, modules: list[Quantizable], bits: int, groupi
 
 
 def _layers(
-    modules: list[Quantizable], plan: dict[str, int], group_sizes: dict[str, int], sens: Sensitivities
+    modules: list[Quantizable],
+    plan: dict[str, int],
+    group_sizes: dict[str, int],
+    sens: Sensitivities,
 ) -> dict:
     """Per module: its bits, group size, KL at each candidate, and whether that was measured."""
     kl = sens.kl()

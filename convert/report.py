@@ -12,10 +12,10 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
-from optiq_dhara.runtime import decode
 from tqdm import tqdm
 
 from optiq_dhara.metrics import MODES, compare
+from optiq_dhara.runtime import decode
 
 
 def spec_acceptance(model: nn.Module, prompts: mx.array, k: int = 8, max_tokens: int = 32) -> dict:

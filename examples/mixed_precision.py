@@ -24,8 +24,14 @@ def main(source: str = str(FIXTURE), target_bpw: str = "5.8", group_size: str = 
     with tempfile.TemporaryDirectory() as scratch:
         destination = Path(scratch) / "mixed"
         report = convert(
-            source, destination, target_bpw=float(target_bpw), group_size=int(group_size),
-            dtype="bfloat16", num_samples=8, seq_len=128, held_out_samples=4,
+            source,
+            destination,
+            target_bpw=float(target_bpw),
+            group_size=int(group_size),
+            dtype="bfloat16",
+            num_samples=8,
+            seq_len=128,
+            held_out_samples=4,
         )
         model, _ = mlx_lm.load(str(destination))
         bits = Counter(
@@ -38,8 +44,10 @@ def main(source: str = str(FIXTURE), target_bpw: str = "5.8", group_size: str = 
             print(f"  {count} modules at {b} bits, group size {group}")
         for variant in ("mix", "uniform_4", "uniform_8"):
             scores = report["held_out"][variant]
-            print(f"  {variant}: mean KL AR {scores['ar']['mean_kl']:.4f}, "
-                  f"diffusion {scores['diffusion']['mean_kl']:.4f}")
+            print(
+                f"  {variant}: mean KL AR {scores['ar']['mean_kl']:.4f}, "
+                f"diffusion {scores['diffusion']['mean_kl']:.4f}"
+            )
 
 
 if __name__ == "__main__":

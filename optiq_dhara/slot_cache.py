@@ -57,7 +57,9 @@ class SlotLayer:
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         owner, i = self._owner, self._index
         index = mx.broadcast_to(owner._write[:, None, :, None], keys.shape)
-        owner.keys[i] = mx.put_along_axis(owner._buffer(owner.keys, i, keys, 2), index, keys, axis=2)
+        owner.keys[i] = mx.put_along_axis(
+            owner._buffer(owner.keys, i, keys, 2), index, keys, axis=2
+        )
         owner.values[i] = mx.put_along_axis(
             owner._buffer(owner.values, i, values, 2), index, values, axis=2
         )

@@ -62,9 +62,7 @@ class Grouping:
     def of(self, module: Quantizable, bits: int) -> int:
         if self.wide_bits is None or bits < self.wide_bits:
             return self.size
-        return max(
-            g for g in SUPPORTED_GROUP_SIZES if g >= self.size and module.shape[1] % g == 0
-        )
+        return max(g for g in SUPPORTED_GROUP_SIZES if g >= self.size and module.shape[1] % g == 0)
 
     def sizes(self, modules: Iterable[Quantizable], plan: dict[str, int]) -> dict[str, int]:
         """The group size of every module in ``plan`` at its planned bits."""

@@ -238,7 +238,9 @@ class Calibrator:
                 self._keep(mode, scored_log_probs(logits, scoring, self.mask_id), states)
                 self.count.forward(0, scoring.inputs.shape[0])
 
-    def capture_with_fisher(self, modules: list[Quantizable], every: int = 1, seed: int = 0) -> dict:
+    def capture_with_fisher(
+        self, modules: list[Quantizable], every: int = 1, seed: int = 0
+    ) -> dict:
         """The float forwards, plus the diagonal Fisher of each module's weight per mode.
 
         One backward, for every ``every``-th sample, of the log-likelihood of
@@ -261,7 +263,9 @@ class Calibrator:
                         lp = scored_log_probs(logits, one, self.mask_id)
                     else:
                         key, sub = mx.random.split(key)
-                        (_, (lp, states)), grads = nn.value_and_grad(self.model, self._loglik)(one, sub)
+                        (_, (lp, states)), grads = nn.value_and_grad(self.model, self._loglik)(
+                            one, sub
+                        )
                         grads = dict(tree_flatten(grads))
                         for m in modules:
                             total[m.path] = total[m.path] + grads[f"{m.path}.weight"].square()

@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 _IDLE = Sampling()  # what a free slot "samples"
 
 
-def next_tokens(model, logits: mx.array, rows: Sequence["Row"], positions: Sequence[int], seen=None) -> mx.array:
+def next_tokens(
+    model, logits: mx.array, rows: Sequence["Row"], positions: Sequence[int], seen=None
+) -> mx.array:
     """The AR tokens [rows] at ``positions`` from the logits [rows, vocab] that predict them.
 
     ``seen`` [rows, vocab] is the penalty context; built from the rows' tokens

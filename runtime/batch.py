@@ -32,8 +32,19 @@ def generate_batch(
     if not prompts:
         raise ValueError("prompts is empty; give at least one prompt.")
     settings, sampling = make_request(
-        model, mode, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
-        stop_ids, block_len, threshold, k,
+        model,
+        mode,
+        max_tokens,
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        repetition_penalty,
+        seed,
+        stop_ids,
+        block_len,
+        threshold,
+        k,
     )
     checked = [check_prompt(p, model.args.vocab_size, f"prompt {i}") for i, p in enumerate(prompts)]
     engine = Engine(model, max_batch=max_batch)

@@ -36,16 +36,38 @@ def decode(
     prompt and leaves its own state there when it ends or is closed.
     """
     settings, sampling = make_request(
-        model, mode, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
-        stop_ids, block_len, threshold, k,
+        model,
+        mode,
+        max_tokens,
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        repetition_penalty,
+        seed,
+        stop_ids,
+        block_len,
+        threshold,
+        k,
     )
     prompt = check_prompt(prompt_ids, model.args.vocab_size)
     return _run(Engine(model, max_batch=1, prefix_cache=prefix_cache), prompt, settings, sampling)
 
 
 def make_request(
-    model, mode, max_tokens, temperature, top_p, top_k, min_p, repetition_penalty, seed,
-    stop_ids, block_len, threshold, k,
+    model,
+    mode,
+    max_tokens,
+    temperature,
+    top_p,
+    top_k,
+    min_p,
+    repetition_penalty,
+    seed,
+    stop_ids,
+    block_len,
+    threshold,
+    k,
 ) -> tuple[Settings, Sampling]:
     """Checked settings and sampling (with a concrete seed when sampled)."""
     settings = Settings(
@@ -57,7 +79,9 @@ def make_request(
     return settings, sampling.with_seed()
 
 
-def _run(engine: Engine, prompt: list[int], settings: Settings, sampling: Sampling) -> Iterator[Step]:
+def _run(
+    engine: Engine, prompt: list[int], settings: Settings, sampling: Sampling
+) -> Iterator[Step]:
     row = engine.add(prompt, settings, sampling)
     failed = False
     try:

@@ -28,8 +28,8 @@ from .ar import ar_step, next_tokens, read_tokens
 from .diffusion import diffusion_step
 from .prefix_cache import PrefixCache
 from .sampling import Sampling, presence
-from .spec import spec_step
 from .settings import Settings
+from .spec import spec_step
 from .stats import Stats, Step
 
 PREFILL_STEP = 512  # prompt tokens a step prefills, so that long prompts do not stall others
@@ -343,4 +343,3 @@ class Engine:
             stats.prefilled()
             events.append((row, row.emit([token])))
         return events
-

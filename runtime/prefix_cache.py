@@ -96,7 +96,11 @@ class PrefixCache:
         tokens = list(seq[:length])
         model = cache.model
         for key, entry in list(self._entries.items()):  # an entry this one extends is redundant
-            if entry.model is model and entry.grid == grid and tokens[: len(entry.tokens)] == entry.tokens:
+            if (
+                entry.model is model
+                and entry.grid == grid
+                and tokens[: len(entry.tokens)] == entry.tokens
+            ):
                 del self._entries[key]
         entry = Entry(model, tokens, grid, cache, cache.nbytes())
         self._entries[id(entry)] = entry

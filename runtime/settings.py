@@ -3,8 +3,6 @@
 from dataclasses import dataclass
 from typing import Sequence
 
-from .sampling import Sampling
-
 MODES = ("ar", "diffusion", "spec")
 
 

@@ -10,9 +10,9 @@ from collections import defaultdict
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from mlx.utils import tree_map_with_path
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mlx.utils import tree_map_with_path
 from mlx_lm.generate import BatchGenerator, batch_generate, generate_step, stream_generate
 from mlx_lm.models.cache import (
     KVCache,

@@ -112,7 +112,7 @@ def test_lora_applies_and_trains_only_adapters(golden_dir, golden):
 def test_fused_lora_save_keeps_inv_freq(golden_dir, golden, tmp_path):
     """The mlx_lm.fuse flow (fuse the adapters, save) keeps the frozen inv_freq buffers."""
     model = lora_model(golden_dir)
-    for name, module in model.named_modules():
+    for _, module in model.named_modules():
         if hasattr(module, "lora_b"):
             module.lora_b = mx.random.normal(module.lora_b.shape, key=mx.random.key(0)) * 0.01
     fused = [(n, m.fuse()) for n, m in model.named_modules() if hasattr(m, "fuse")]
@@ -270,4 +270,3 @@ def test_inv_freq_is_frozen(golden_model):
     assert not any(key.endswith("inv_freq") for key in trainable)
     assert golden_model.cast_predicate("model.layers.0.self_attn.rotary_emb.inv_freq") is False
     assert golden_model.cast_predicate("model.layers.0.canon_a.conv.weight") is True
-

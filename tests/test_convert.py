@@ -9,10 +9,10 @@ import mlx.nn as nn
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm import load
-from optiq_dhara.cli import app
-from optiq_dhara.convert import convert, pipeline, source
 from typer.testing import CliRunner
 
+from optiq_dhara.cli import app
+from optiq_dhara.convert import convert, pipeline, source
 from optiq_dhara.metrics import compare
 
 TARGET = 7.0  # bf16, group size 32: 4-bit costs 5 bpw, 8-bit 9, the float parts ~0.5

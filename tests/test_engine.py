@@ -28,8 +28,16 @@ def prompts(golden):
 
 def request(model, mode="ar", max_tokens=16, **kwargs):
     defaults = dict(
-        temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, seed=None,
-        stop_ids=(), block_len=32, threshold=0.5, k=8,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        min_p=0.0,
+        repetition_penalty=1.0,
+        seed=None,
+        stop_ids=(),
+        block_len=32,
+        threshold=0.5,
+        k=8,
     )
     defaults.update(kwargs)
     return make_request(model, mode, max_tokens, *defaults.values())
@@ -81,12 +89,17 @@ def test_mixed_modes_joining_and_leaving_mid_flight(golden_model, golden, prompt
     _, outputs = drive(Engine(golden_model, max_batch=4, prefill_step=8), schedule)
     for (prompt, kwargs), out in zip(asks, outputs):
         kwargs = dict(kwargs)
-        assert out == generate_ids(golden_model, prompt, max_tokens=kwargs.pop("max_tokens"), **kwargs)
+        assert out == generate_ids(
+            golden_model, prompt, max_tokens=kwargs.pop("max_tokens"), **kwargs
+        )
 
 
 def test_a_cancelled_row_leaves_and_the_others_go_on(golden_model, prompts):
     engine = Engine(golden_model)
-    rows = [engine.add(p, *request(golden_model, mode, max_tokens=12)) for p, mode in zip(prompts, ["ar", "spec", "diffusion", "ar"])]
+    rows = [
+        engine.add(p, *request(golden_model, mode, max_tokens=12))
+        for p, mode in zip(prompts, ["ar", "spec", "diffusion", "ar"])
+    ]
     out = {id(r): [] for r in rows}
     for _ in range(3):
         for row, step in engine.step():

@@ -46,8 +46,16 @@ def run_eval(*args: str):
 def test_model_against_itself_has_zero_kl_and_full_agreement(golden_dir, text_file, tmp_path):
     out = tmp_path / "r.json"
     run_eval(
-        "--model", str(golden_dir), "--perplexity", str(text_file),
-        "--reference", str(golden_dir), "--seq-len", "32", "--output", str(out),
+        "--model",
+        str(golden_dir),
+        "--perplexity",
+        str(text_file),
+        "--reference",
+        str(golden_dir),
+        "--seq-len",
+        "32",
+        "--output",
+        str(out),
     )
     report = json.loads(out.read_text())["perplexity"]
     assert report["reference"] == str(golden_dir)
@@ -63,8 +71,16 @@ def test_perturbed_model_diverges_from_its_reference(
 ):
     out = tmp_path / "r.json"
     result = run_eval(
-        "--model", str(perturbed_dir), "--perplexity", str(text_file),
-        "--reference", str(golden_dir), "--seq-len", "32", "--output", str(out),
+        "--model",
+        str(perturbed_dir),
+        "--perplexity",
+        str(text_file),
+        "--reference",
+        str(golden_dir),
+        "--seq-len",
+        "32",
+        "--output",
+        str(out),
     )
     report = json.loads(out.read_text())["perplexity"]
     for mode in ("ar", "diffusion"):

@@ -46,9 +46,19 @@ def test_local_task_runs_end_to_end_and_writes_results(golden_dir, loaded, tmp_p
     result = CliRunner().invoke(
         app,
         [
-            "eval", "--model", str(golden_dir), "--tasks", "dhara_mc_local",
-            "--include-path", str(TASK_DIR), "--mode", mode, "--batch-size", "8",
-            "--output", str(out),
+            "eval",
+            "--model",
+            str(golden_dir),
+            "--tasks",
+            "dhara_mc_local",
+            "--include-path",
+            str(TASK_DIR),
+            "--mode",
+            mode,
+            "--batch-size",
+            "8",
+            "--output",
+            str(out),
         ],
     )
     assert result.exit_code == 0, result.output
@@ -72,8 +82,15 @@ def test_model_args_string_builds_the_adapter(golden_dir):
 def test_unknown_task_is_a_usage_error(golden_dir):
     result = CliRunner().invoke(
         app,
-        ["eval", "--model", str(golden_dir), "--tasks", "no_such_task_xyz",
-         "--include-path", str(TASK_DIR)],
+        [
+            "eval",
+            "--model",
+            str(golden_dir),
+            "--tasks",
+            "no_such_task_xyz",
+            "--include-path",
+            str(TASK_DIR),
+        ],
         env={"COLUMNS": "300"},
     )
     assert result.exit_code != 0
@@ -108,8 +125,12 @@ def test_generate_until_decodes_through_the_runtime_and_cuts_at_stop(loaded, mod
     lm = DharaLM(model, tokenizer, mode=mode, block_len=8)
     context = "Question: What do bees make?\nAnswer:"
     ids = generate_ids(
-        model, lm.tok_encode(context), mode=mode, max_tokens=16,
-        stop_ids=[lm.eot_token_id], block_len=8,
+        model,
+        lm.tok_encode(context),
+        mode=mode,
+        max_tokens=16,
+        stop_ids=[lm.eot_token_id],
+        block_len=8,
     )
     full = tokenizer.decode([t for t in ids if t != lm.eot_token_id])
     assert len(full) > 6

@@ -103,9 +103,9 @@ def test_diffusion_masks_a_short_answer_at_once(golden_model):
     changed = [(context, [20, 250, 22])]
     [(other, _)] = loglikelihoods(golden_model, changed, mode="diffusion", block_len=32)
     mask_id = golden_model.args.mask_token_id
-    logits = golden_model(
-        mx.array([context + [mask_id] * 3]), mask=block_causal_mask(8, 32)
-    )[0].astype(mx.float32)
+    logits = golden_model(mx.array([context + [mask_id] * 3]), mask=block_causal_mask(8, 32))[
+        0
+    ].astype(mx.float32)
     logits[:, mask_id] = -mx.inf
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     # the middle token is the only change, so the difference is its own log-prob change

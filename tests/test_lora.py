@@ -40,8 +40,16 @@ def text_data(tmp_path_factory) -> Path:
 
 def small_config(**changes) -> LoraConfig:
     settings = dict(
-        iters=12, batch_size=2, learning_rate=1e-2, num_layers=-1, rank=4,
-        steps_per_report=4, steps_per_eval=12, val_batches=2, spec_prompts=1, spec_tokens=8,
+        iters=12,
+        batch_size=2,
+        learning_rate=1e-2,
+        num_layers=-1,
+        rank=4,
+        steps_per_report=4,
+        steps_per_eval=12,
+        val_batches=2,
+        spec_prompts=1,
+        spec_tokens=8,
     )
     return LoraConfig(**{**settings, **changes})
 
@@ -53,7 +61,9 @@ def evaluations(history: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def float_run(golden_dir, text_data, tmp_path_factory):
     adapters = tmp_path_factory.mktemp("float_adapters")
-    model, history = run_lora(golden_dir, text_data, adapters, small_config(), report=lambda e: None)
+    model, history = run_lora(
+        golden_dir, text_data, adapters, small_config(), report=lambda e: None
+    )
     return model, history, adapters
 
 
@@ -122,7 +132,10 @@ def test_adapters_round_trip_through_mlx_lm_load(float_run, golden_dir):
 
 def test_ar_objective_has_no_diffusion_term(golden_dir, text_data, tmp_path):
     _, history = run_lora(
-        golden_dir, text_data, tmp_path, small_config(iters=4, objective="ar", spec_prompts=0),
+        golden_dir,
+        text_data,
+        tmp_path,
+        small_config(iters=4, objective="ar", spec_prompts=0),
         report=lambda e: None,
     )
     trained = [entry for entry in history if "train_ar_loss" in entry]
@@ -150,7 +163,9 @@ def test_qlora_on_mixed_precision_model_trains(mixed_dir, text_data, tmp_path):
 @pytest.fixture(scope="module")
 def mixed_adapters(mixed_dir, text_data, tmp_path_factory) -> Path:
     adapters = tmp_path_factory.mktemp("mixed_adapters")
-    run_lora(mixed_dir, text_data, adapters, small_config(iters=6, spec_prompts=0), report=lambda e: None)
+    run_lora(
+        mixed_dir, text_data, adapters, small_config(iters=6, spec_prompts=0), report=lambda e: None
+    )
     return adapters
 
 
@@ -181,7 +196,12 @@ def test_fuse_dequantize_writes_float_weights_equal_to_the_adapted_model(
 def test_chat_batches_mask_the_prompt_and_pad_with_mask(golden_dir, tmp_path):
     _, tokenizer = mlx_lm.load(str(golden_dir))
     chats = [
-        {"messages": [{"role": "user", "content": "hi" * n}, {"role": "assistant", "content": "ok"}]}
+        {
+            "messages": [
+                {"role": "user", "content": "hi" * n},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
         for n in (1, 4)
     ]
     write_jsonl(tmp_path / "train.jsonl", chats)
@@ -205,12 +225,38 @@ def test_bad_data_folder_is_named(golden_dir, tmp_path):
 def test_lora_and_fuse_commands(golden_dir, text_data, tmp_path):
     runner = CliRunner()
     adapters = tmp_path / "adapters"
-    result = runner.invoke(app, [
-        "lora", "--model", str(golden_dir), "--data", str(text_data), "--iters", "4",
-        "--batch-size", "2", "--learning-rate", "1e-2", "--rank", "4", "--num-layers", "1",
-        "--objective", "joint", "--steps-per-report", "2", "--steps-per-eval", "4",
-        "--val-batches", "1", "--spec-prompts", "1", "--adapter-path", str(adapters),
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "lora",
+            "--model",
+            str(golden_dir),
+            "--data",
+            str(text_data),
+            "--iters",
+            "4",
+            "--batch-size",
+            "2",
+            "--learning-rate",
+            "1e-2",
+            "--rank",
+            "4",
+            "--num-layers",
+            "1",
+            "--objective",
+            "joint",
+            "--steps-per-report",
+            "2",
+            "--steps-per-eval",
+            "4",
+            "--val-batches",
+            "1",
+            "--spec-prompts",
+            "1",
+            "--adapter-path",
+            str(adapters),
+        ],
+    )
     assert result.exit_code == 0, result.output
     reports = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", result.output)]
     trained = [r for r in reports if "train_ar_loss" in r]
@@ -220,8 +266,18 @@ def test_lora_and_fuse_commands(golden_dir, text_data, tmp_path):
     assert config["num_layers"] == 1 and config["lora_parameters"]["rank"] == 4
 
     fused = tmp_path / "fused"
-    result = runner.invoke(app, ["fuse", "--model", str(golden_dir), "--adapter-path", str(adapters),
-                                 "--save-path", str(fused)])
+    result = runner.invoke(
+        app,
+        [
+            "fuse",
+            "--model",
+            str(golden_dir),
+            "--adapter-path",
+            str(adapters),
+            "--save-path",
+            str(fused),
+        ],
+    )
     assert result.exit_code == 0, result.output
     adapted, _ = mlx_lm.load(str(golden_dir), adapter_path=str(adapters))
     model, _ = mlx_lm.load(str(fused))
@@ -231,21 +287,42 @@ def test_lora_and_fuse_commands(golden_dir, text_data, tmp_path):
 
 def test_commands_reject_bad_options(golden_dir, text_data, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["lora", "--model", str(golden_dir), "--data", str(text_data),
-                                 "--objective", "diffusion"])
+    result = runner.invoke(
+        app,
+        ["lora", "--model", str(golden_dir), "--data", str(text_data), "--objective", "diffusion"],
+    )
     assert result.exit_code != 0 and "joint" in result.output
-    result = runner.invoke(app, ["lora", "--model", str(golden_dir), "--data", str(text_data),
-                                 "--num-layers", "9", "--adapter-path", str(tmp_path / "a")])
+    result = runner.invoke(
+        app,
+        [
+            "lora",
+            "--model",
+            str(golden_dir),
+            "--data",
+            str(text_data),
+            "--num-layers",
+            "9",
+            "--adapter-path",
+            str(tmp_path / "a"),
+        ],
+    )
     assert result.exit_code != 0 and "num_layers 9" in result.output
-    result = runner.invoke(app, ["fuse", "--model", str(golden_dir), "--adapter-path", str(tmp_path)])
+    result = runner.invoke(
+        app, ["fuse", "--model", str(golden_dir), "--adapter-path", str(tmp_path)]
+    )
     assert result.exit_code != 0 and "adapter_config.json" in result.output
 
 
 def test_same_seed_gives_the_same_adapters(golden_dir, text_data, tmp_path):
     runs = []
     for name in ("a", "b"):
-        run_lora(golden_dir, text_data, tmp_path / name, small_config(iters=2, spec_prompts=0),
-                 report=lambda e: None)
+        run_lora(
+            golden_dir,
+            text_data,
+            tmp_path / name,
+            small_config(iters=2, spec_prompts=0),
+            report=lambda e: None,
+        )
         runs.append(mx.load(str(tmp_path / name / "adapters.safetensors")))
     assert runs[0].keys() == runs[1].keys()
     assert all(mx.array_equal(runs[0][k], runs[1][k]) for k in runs[0])

@@ -7,6 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+
+from optiq_dhara.masks import block_causal_mask
 from optiq_dhara.quantize.allocate import allocate, hull_steps, module_points
 from optiq_dhara.quantize.calibration import load_calibration, read_calibration_text, split_tokens
 from optiq_dhara.quantize.modules import (
@@ -27,8 +29,6 @@ from optiq_dhara.quantize.sensitivity import (
     naive_forwards,
 )
 from optiq_dhara.quantize.staged import forward_from, forward_with_states
-
-from optiq_dhara.masks import block_causal_mask
 
 UNIFORM = Grouping(32, None)  # group size 32 at every bits
 
@@ -366,7 +366,9 @@ def test_auto_reaches_the_exact_allocation_for_a_tenth_of_the_forwards(deep_mode
     budget = sum(m.stored_bits(5, 32, 32) for m in modules)  # a quarter of the modules at 8 bits
     common = dict(dtype=mx.float32, budget=budget, scale_bits=32, block_len=16)
     auto = measure_sensitivities(deep_model, tokens, modules, (4, 8), grouping, **common)
-    exact = measure_sensitivities(deep_model, tokens, modules, (4, 8), grouping, method="exact", **common)
+    exact = measure_sensitivities(
+        deep_model, tokens, modules, (4, 8), grouping, method="exact", **common
+    )
     assert auto.method == "auto"
     assert auto.forwards_per_sample <= auto.naive_forwards_per_sample / 10
     assert exact.forwards_per_sample > 5 * auto.forwards_per_sample

@@ -8,6 +8,7 @@ import mlx_lm
 import pytest
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 from mlx_lm.utils import load_tokenizer
+
 from optiq_dhara.runtime import (
     PrefixCache,
     Stats,

@@ -34,8 +34,13 @@ def test_fixture_is_small_and_has_chatml_and_mask_tokens(trained):
     assert ids[2] == config["mask_token_id"] == model.args.mask_token_id
     assert len(set(ids)) == 3
     figures = json.loads((TRAINED / "figures.json").read_text())
-    assert {"perplexity", "diffusion_tpf_0.5", "diffusion_tpf_0.9", "spec_accepted_k4",
-            "spec_accepted_k8"} <= set(figures)
+    assert {
+        "perplexity",
+        "diffusion_tpf_0.5",
+        "diffusion_tpf_0.9",
+        "spec_accepted_k4",
+        "spec_accepted_k8",
+    } <= set(figures)
 
 
 def test_fixture_decodes_in_all_three_modes(trained):

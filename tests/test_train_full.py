@@ -38,8 +38,15 @@ def test_full_training_learns_and_keeps_rope_frozen(golden_dir):
     before = dict(tree_flatten(model.parameters()))
     rng = np.random.default_rng(0)
     ids = np.tile(rng.integers(0, 300, size=40), 20).astype(np.int32)
-    settings = TrainConfig(iters=15, learning_rate=1e-2, warmup=2, diffusion_weight=0.3,
-                           block_len=16, steps_per_report=5, steps_per_eval=15)
+    settings = TrainConfig(
+        iters=15,
+        learning_rate=1e-2,
+        warmup=2,
+        diffusion_weight=0.3,
+        block_len=16,
+        steps_per_report=5,
+        steps_per_eval=15,
+    )
     history = train_full(model, ids, 32, 4, settings, valid_ids=ids, report=lambda e: None)
     evaluations = [e for e in history if "val_ar_loss" in e]
     assert evaluations[-1]["val_ar_loss"] < evaluations[0]["val_ar_loss"] - 1.0
@@ -56,11 +63,26 @@ def test_train_command_from_config_then_from_checkpoint(config_dir, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS)
     runner = CliRunner()
-    options = ["--data", str(corpus), "--iters", "4", "--batch-size", "2", "--seq-len", "32",
-               "--block-len", "16", "--steps-per-report", "2", "--held-out", "0.2"]
+    options = [
+        "--data",
+        str(corpus),
+        "--iters",
+        "4",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--block-len",
+        "16",
+        "--steps-per-report",
+        "2",
+        "--held-out",
+        "0.2",
+    ]
     first = tmp_path / "first"
-    result = runner.invoke(app, ["train", "--config", str(config_dir / "config.json"),
-                                 "--out", str(first), *options])
+    result = runner.invoke(
+        app, ["train", "--config", str(config_dir / "config.json"), "--out", str(first), *options]
+    )
     assert result.exit_code == 0, result.output
     reports = [json.loads(m) for m in re.findall(r"\{[^{}]*\}", result.output)]
     assert any("val_diffusion_loss" in r for r in reports)
@@ -79,8 +101,18 @@ def test_train_command_from_config_then_from_checkpoint(config_dir, tmp_path):
 
 def test_train_command_names_what_is_wrong(config_dir, tmp_path):
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "--data", str(tmp_path / "none.txt"), "--out", str(tmp_path / "o"),
-                                 "--config", str(config_dir / "config.json")])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tmp_path / "none.txt"),
+            "--out",
+            str(tmp_path / "o"),
+            "--config",
+            str(config_dir / "config.json"),
+        ],
+    )
     assert result.exit_code != 0 and "none.txt" in result.output
     corpus = tmp_path / "c.txt"
     corpus.write_text(CORPUS)
@@ -98,9 +130,8 @@ def test_read_texts_reads_txt_jsonl_and_folders(tmp_path):
 
 
 def test_train_refuses_a_quantized_checkpoint(golden_dir, tmp_path):
-    from mlx_lm.utils import load_model, save_config, save_model
-
     import mlx.nn as nn
+    from mlx_lm.utils import load_model, save_config, save_model
 
     model, config = load_model(golden_dir)
     nn.quantize(model, group_size=32, bits=4)

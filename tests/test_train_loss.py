@@ -7,7 +7,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from optiq_dhara.masks import block_causal_mask, causal_mask
-from optiq_dhara.train.loss import Noise, joint_loss, noisy_block_mask, sample_noise
+from optiq_dhara.train.loss import Noise, joint_loss, sample_noise
 
 BLOCK = 8
 
@@ -33,7 +33,11 @@ def direct_joint_loss(model, tokens, loss_mask, noise: Noise, weight: float, blo
             masked = noise.masked[i, span] & trained[i, span]
             noisy = mx.where(masked, mask_id, padded[i, span])
             sequence = mx.concatenate([padded[i, : b * block], noisy])[None]
-            context = block_causal_mask(b * block, block) if noise.block_context[i, b].item() else causal_mask(b * block)
+            context = (
+                block_causal_mask(b * block, block)
+                if noise.block_context[i, b].item()
+                else causal_mask(b * block)
+            )
             prefix = mx.concatenate([context, mx.zeros((b * block, block), dtype=mx.bool_)], axis=1)
             attend = mx.concatenate([prefix, mx.ones((block, (b + 1) * block), dtype=mx.bool_)])
             block_logits = model(sequence, mask=attend)[0, b * block :]
@@ -88,7 +92,9 @@ def test_concatenated_forward_would_not_be_exact(golden_model):
     _, exact, _ = direct_joint_loss(golden_model, tokens_, mask_, noise, 0.0, BLOCK)
     masked = noise.masked[:, BLOCK:]
     ce = nn.losses.cross_entropy(concatenated[:, length + BLOCK :], tokens[:, BLOCK:])
-    first_block = nn.losses.cross_entropy(concatenated[:, length : length + BLOCK], tokens[:, :BLOCK])
+    first_block = nn.losses.cross_entropy(
+        concatenated[:, length : length + BLOCK], tokens[:, :BLOCK]
+    )
     weights = noise.masked.astype(mx.float32) / mx.repeat(noise.rate, BLOCK, axis=1)
     joined = mx.concatenate([first_block, ce], axis=1)
     via_concatenation = (joined * weights).sum() / tokens.size

@@ -57,4 +57,4 @@ def save_model_dir(model: nn.Module, config: dict, out_dir: Path, tokenizer_dir:
     for name in TOKENIZER_FILES:
         source = Path(tokenizer_dir) / name
         if source.is_file():
-            atomic_write(out_dir / name, lambda temp: shutil.copyfile(source, temp))
+            atomic_write(out_dir / name, lambda temp, source=source: shutil.copyfile(source, temp))

@@ -22,8 +22,10 @@ def load_jsonl_splits(data_dir: Path, tokenizer, mask_prompt: bool = False) -> d
     """The splits of ``data_dir`` that exist, as mlx-lm datasets; ``train`` is required."""
     data_dir = Path(data_dir)
     if not (data_dir / "train.jsonl").is_file():
-        raise ValueError(f"{data_dir / 'train.jsonl'} not found: --data must hold train.jsonl "
-                         "(and optionally valid.jsonl, test.jsonl).")
+        raise ValueError(
+            f"{data_dir / 'train.jsonl'} not found: --data must hold train.jsonl "
+            "(and optionally valid.jsonl, test.jsonl)."
+        )
     options = types.SimpleNamespace(mask_prompt=mask_prompt)
     splits = {}
     for name in SPLITS:
@@ -40,8 +42,9 @@ def load_jsonl_splits(data_dir: Path, tokenizer, mask_prompt: bool = False) -> d
         try:
             splits[name] = CacheDataset(create_dataset(records, tokenizer, options))
         except ValueError as error:
-            raise ValueError(f"{path}: {error} Records need 'text', 'messages', or "
-                             "'prompt' and 'completion'.") from error
+            raise ValueError(
+                f"{path}: {error} Records need 'text', 'messages', or 'prompt' and 'completion'."
+            ) from error
     return splits
 
 
@@ -99,6 +102,9 @@ def tiled_batches(
     count = len(ids) // seq_len
     windows = ids[: count * seq_len].reshape(count, seq_len)
     return [
-        (mx.array(windows[i : i + batch_size]), mx.ones(windows[i : i + batch_size].shape, mx.bool_))
+        (
+            mx.array(windows[i : i + batch_size]),
+            mx.ones(windows[i : i + batch_size].shape, mx.bool_),
+        )
         for i in range(0, count, batch_size)
     ]

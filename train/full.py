@@ -68,7 +68,10 @@ def train_full(
 
         def evaluate(step: int) -> dict:
             losses = evaluate_losses(
-                model, held_out, config.diffusion_weight, config.block_len,
+                model,
+                held_out,
+                config.diffusion_weight,
+                config.block_len,
                 block_context=config.block_context,
             )
             return {f"val_{name}": value for name, value in losses.items()}
@@ -80,7 +83,9 @@ def train_full(
 def open_start(model: Optional[Path], config: Optional[Path]) -> tuple[nn.Module, dict, Path]:
     """(model, config dict, tokenizer folder) from a checkpoint folder or a config.json."""
     if (model is None) == (config is None):
-        raise ValueError("give exactly one of --model (a checkpoint folder) or --config (a config.json).")
+        raise ValueError(
+            "give exactly one of --model (a checkpoint folder) or --config (a config.json)."
+        )
     if model is not None:
         loaded, settings = load_model(Path(model))
         if "quantization" in settings:
@@ -120,6 +125,12 @@ def run(
         save_model_dir(network, settings, out_dir, tokenizer_dir)
 
     return train_full(
-        network, train_ids, seq_len, batch_size, train_config,
-        valid_ids if len(valid_ids) > seq_len else None, report=report, save=save,
+        network,
+        train_ids,
+        seq_len,
+        batch_size,
+        train_config,
+        valid_ids if len(valid_ids) > seq_len else None,
+        report=report,
+        save=save,
     )

@@ -10,7 +10,7 @@ re-quantizes each layer with its own bits and group size.
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -51,7 +51,9 @@ class LoraConfig:
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}.")
+            raise ValueError(
+                f"objective must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}."
+            )
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank}.")
         if self.iters < 1 or self.batch_size < 1:
@@ -117,10 +119,17 @@ def make_validation(model: nn.Module, dataset, config: LoraConfig) -> Callable[[
 
     def evaluate(step: int) -> dict:
         model.eval()
-        batches = dataset_batches(dataset, config.batch_size, pad_id, config.max_seq_length, seed=config.seed)
+        batches = dataset_batches(
+            dataset, config.batch_size, pad_id, config.max_seq_length, seed=config.seed
+        )
         batches = (batch for _, batch in zip(range(config.val_batches), batches))
         losses = evaluate_losses(
-            model, batches, config.diffusion_weight, config.block_len, config.seed, config.block_context
+            model,
+            batches,
+            config.diffusion_weight,
+            config.block_len,
+            config.seed,
+            config.block_context,
         )
         result = {f"val_{name}": value for name, value in losses.items()}
         if prompts:
@@ -156,8 +165,12 @@ def run_lora(
     add_lora(model, config)
     settings = adapter_config(config, model_path)
     batches = dataset_batches(
-        splits["train"], config.batch_size, model.args.mask_token_id, config.max_seq_length,
-        loop=True, seed=config.seed,
+        splits["train"],
+        config.batch_size,
+        model.args.mask_token_id,
+        config.max_seq_length,
+        loop=True,
+        seed=config.seed,
     )
     evaluate = make_validation(model, splits["valid"], config) if "valid" in splits else None
     train_config = TrainConfig(
@@ -171,7 +184,11 @@ def run_lora(
         seed=config.seed,
     )
     history = train(
-        model, batches, train_config, report, evaluate,
+        model,
+        batches,
+        train_config,
+        report,
+        evaluate,
         save=lambda step: save_adapters(model, adapter_path, settings),
     )
     return model, history
@@ -179,9 +196,14 @@ def run_lora(
 
 def fuse(model_path: Path, adapter_path: Path, out_dir: Path, dequantize: bool = False) -> None:
     """Fold the adapters into the weights; quantized layers keep their bits and group size."""
-    model, tokenizer, config = load(str(model_path), adapter_path=str(adapter_path), return_config=True)
-    fused = [(name, module.fuse(dequantize=dequantize)) for name, module in model.named_modules()
-             if hasattr(module, "fuse")]
+    model, tokenizer, config = load(
+        str(model_path), adapter_path=str(adapter_path), return_config=True
+    )
+    fused = [
+        (name, module.fuse(dequantize=dequantize))
+        for name, module in model.named_modules()
+        if hasattr(module, "fuse")
+    ]
     if fused:
         model.update_modules(tree_unflatten(fused))
     if dequantize:

@@ -126,7 +126,12 @@ class _BlockPrefix:
     kv = None
 
     def __init__(self, record: _CleanRecord, batch: int, use_block, block_len: int):
-        self.record, self.batch, self.use_block, self.block_len = record, batch, use_block, block_len
+        self.record, self.batch, self.use_block, self.block_len = (
+            record,
+            batch,
+            use_block,
+            block_len,
+        )
         self.blocks = record.keys.shape[2] // block_len
         self.offset = mx.tile(mx.arange(self.blocks) * block_len, batch)
 

@@ -18,12 +18,21 @@ def _final_stats(model, prompt: Sequence[int], **options):
 
 
 def diffusion_tokens_per_forward(
-    model, prompts: Sequence[Sequence[int]], max_tokens: int, threshold: float = 0.5, block_len: int = 32
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_tokens: int,
+    threshold: float = 0.5,
+    block_len: int = 32,
 ) -> float:
     generated = forwards = 0
     for prompt in prompts:
         stats = _final_stats(
-            model, prompt, mode="diffusion", max_tokens=max_tokens, threshold=threshold, block_len=block_len
+            model,
+            prompt,
+            mode="diffusion",
+            max_tokens=max_tokens,
+            threshold=threshold,
+            block_len=block_len,
         )
         generated, forwards = generated + stats.generated, forwards + stats.forwards
     return generated / max(forwards, 1)
@@ -34,7 +43,9 @@ def spec_accepted_per_round(
 ) -> float:
     accepted = rounds = 0
     for prompt in prompts:
-        stats = _final_stats(model, prompt, mode="spec", max_tokens=max_tokens, k=k, block_len=block_len)
+        stats = _final_stats(
+            model, prompt, mode="spec", max_tokens=max_tokens, k=k, block_len=block_len
+        )
         accepted, rounds = accepted + stats.accepted_drafts, rounds + stats.rounds
     return accepted / max(rounds, 1)
 
@@ -54,5 +65,7 @@ def mode_figures(
             model, prompts, max_tokens, threshold, block_len
         )
     for k in ks:
-        figures[f"spec_accepted_k{k}"] = spec_accepted_per_round(model, prompts, max_tokens, k, block_len)
+        figures[f"spec_accepted_k{k}"] = spec_accepted_per_round(
+            model, prompts, max_tokens, k, block_len
+        )
     return figures

@@ -64,8 +64,12 @@ def evaluate_losses(
     for tokens, mask in batches:
         key, sub = mx.random.split(key)
         padded = tokens.shape[1] + (-tokens.shape[1] % block_len)
-        noise = sample_noise((tokens.shape[0], padded), block_len, block_context=block_context, key=sub)
-        losses = joint_loss(model, tokens, mask, diffusion_weight or 1.0, block_len, noise, block_context)
+        noise = sample_noise(
+            (tokens.shape[0], padded), block_len, block_context=block_context, key=sub
+        )
+        losses = joint_loss(
+            model, tokens, mask, diffusion_weight or 1.0, block_len, noise, block_context
+        )
         mx.eval(losses)
         sums["ar"] += losses.ar.item() * losses.ar_tokens.item()
         sums["diffusion"] += losses.diffusion.item() * losses.diffusion_tokens.item()
@@ -95,7 +99,11 @@ def train(
 
     def loss_fn(model, tokens, mask):
         losses = joint_loss(
-            model, tokens, mask, config.diffusion_weight, config.block_len,
+            model,
+            tokens,
+            mask,
+            config.diffusion_weight,
+            config.block_len,
             block_context=config.block_context,
         )
         return losses.total, losses
@@ -134,15 +142,17 @@ def train(
             totals[i] += value.item()
         last = it == config.iters
         if it % config.steps_per_report == 0 or last:
-            log({
-                "step": it,
-                "loss": totals[0] / count,
-                "train_ar_loss": totals[1] / count,
-                "train_diffusion_loss": totals[2] / count,
-                "learning_rate": optimizer.learning_rate.item(),
-                "tokens_per_s": tokens_seen / elapsed,
-                "peak_memory_gb": mx.get_peak_memory() / 1e9,
-            })
+            log(
+                {
+                    "step": it,
+                    "loss": totals[0] / count,
+                    "train_ar_loss": totals[1] / count,
+                    "train_diffusion_loss": totals[2] / count,
+                    "learning_rate": optimizer.learning_rate.item(),
+                    "tokens_per_s": tokens_seen / elapsed,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                }
+            )
             totals, count, tokens_seen, elapsed = [0.0, 0.0, 0.0], 0, 0, 0.0
         if evaluate is not None and (it % config.steps_per_eval == 0 or last):
             log({"step": it, **evaluate(it)})
