@@ -134,16 +134,29 @@ class Group:
         tokens, self.pending = self.pending, None
         return read_tokens(self, tokens)
 
-    def insert(self, row: Row, source: SlotCache, index: int) -> list[tuple[Row, Step]]:
-        """Give ``row`` a slot holding row ``index`` of ``source`` (its prefilled state)."""
+    def insert(self, rows: list[Row], source: SlotCache, index: list[int]) -> list:
+        """Give each of ``rows`` a slot holding its state, row ``index[i]`` of ``source``.
+
+        An empty group whose newcomers are all of ``source`` takes ``source`` as
+        its cache (no copy); otherwise the rows are copied into free slots, made
+        in one allocation when there are too few.
+        """
         events = self.flush()
-        if None not in self.rows:
-            grow = max(1, len(self.rows))
-            self.cache.add_rows(grow)
-            self.rows += [None] * grow
-        slot = self.rows.index(None)
-        self.cache.put_row(slot, source, index)
-        self.rows[slot], row.slot, row.group, row.cache = row, slot, self, None
+        if not self.active and index == list(range(source.rows)):
+            self.cache, self.rows = source, list(rows)
+        else:
+            missing = len(rows) - self.rows.count(None)
+            if missing > 0:
+                grow = max(missing, len(self.rows))
+                self.cache.add_rows(grow)
+                self.rows += [None] * grow
+            for row, i in zip(rows, index):
+                slot = self.rows.index(None)
+                self.cache.put_row(slot, source, i)
+                self.rows[slot] = row
+        for slot, row in enumerate(self.rows):
+            if row is not None and row in rows:
+                row.slot, row.group, row.cache = slot, self, None
         return events
 
     def remove(self, row: Row) -> None:
@@ -309,6 +322,7 @@ class Engine:
         done = [not self._todo(row, cache.lengths[i]) for i, row in enumerate(rows)]
         causal = [d and row.grid is None for d, row in zip(done, rows)]
         events = self._first_tokens(rows, cache, causal) if any(causal) else []
+        joined: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             if not done[i]:
                 row.cache = cache if len(rows) == 1 else cache.take_row(i)
@@ -321,7 +335,9 @@ class Engine:
             if row.grid is not None:
                 row.stats.prefilled()
                 row.start, row.block = len(row.seq), [self.model.args.mask_token_id] * row.grid
-            events += self.groups[row.mode].insert(row, cache, i)
+            joined.setdefault(row.mode, []).append(i)
+        for mode, index in joined.items():
+            events += self.groups[mode].insert([rows[i] for i in index], cache, index)
         return events
 
     def _first_tokens(self, rows: list[Row], cache: SlotCache, which: list[bool]):
