@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .sampling import Sampling, adjust_logits, choose, filtered_logprobs, presence
+from .sampling import Sampling, adjust_logits, adjust_rows, choose_rows, presence
 from .stats import Step
 
 if TYPE_CHECKING:
@@ -32,11 +32,9 @@ def denoise_arrays(
     positions at or above ``threshold`` commit, and always the most confident one.
     """
     adjusted = adjust_logits(logits, seen, sampling, mask_id)
-    tokens = choose(adjusted, sampling, positions)
-    logprobs = adjusted if sampling.greedy else filtered_logprobs(adjusted, sampling)
-    probs = mx.softmax(logprobs, axis=-1, precise=True)
-    confidence = mx.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0]
-    best = mx.arange(len(positions)) == mx.argmax(confidence)
+    n = len(positions)
+    tokens, confidence = choose_rows(adjusted, [sampling] * n, positions, confidence=True)
+    best = mx.arange(n) == mx.argmax(confidence)
     return tokens, (confidence >= threshold) | best
 
 
@@ -69,24 +67,34 @@ def diffusion_step(group: "Group") -> list[tuple["Row", Step]]:
     slot_index = mx.array([b for b, _, columns in where for _ in columns])
     column_index = mx.array([c for _, _, columns in where for c in columns])
     logits = model.head(hidden[slot_index, column_index])
+    rows = [slots[b] for b, masked, _ in where for _ in masked]
+    seen = None
+    if any(r.sampling.repetition_penalty != 1.0 for r in rows):
+        contexts = {
+            b: presence(
+                slots[b].seq[: slots[b].start] + [t for t in slots[b].block if t != mask_id], vocab
+            )
+            for b, _, _ in where
+        }
+        seen = mx.stack([contexts[b] for b, masked, _ in where for _ in masked])
+    penalties = [r.sampling.repetition_penalty for r in rows]
+    adjusted = adjust_rows(logits, seen, penalties, mask_id)
+    positions = [slots[b].start + i for b, masked, _ in where for i in masked]
+    tokens, confidence = choose_rows(adjusted, [r.sampling for r in rows], positions, True)
+    thresholds = mx.array([r.settings.threshold for r in rows], mx.float32)
+    confident = confidence >= thresholds
+    tokens, confidence, confident = tokens.tolist(), confidence.tolist(), confident.tolist()
     results, first = [], 0
     for b, masked, _ in where:
-        row = slots[b]
-        rows = logits[first : first + len(masked)]
-        first += len(masked)
-        seen = None
-        if row.sampling.repetition_penalty != 1.0:
-            committed = [t for t in row.block if t != mask_id]
-            seen = presence(row.seq[: row.start] + committed, vocab)
-        positions = [row.start + i for i in masked]
-        arrays = denoise_arrays(
-            rows, seen, positions, row.sampling, row.settings.threshold, mask_id
-        )
-        results.append((row, masked, arrays))
-    mx.eval([arrays for _, _, arrays in results])
+        end = first + len(masked)
+        scores = confidence[first:end]
+        best = scores.index(max(scores))  # the most confident always commits (the first on a tie)
+        flags = [c or i == best for i, c in enumerate(confident[first:end])]
+        results.append((slots[b], masked, tokens[first:end], flags))
+        first = end
     events = []
-    for row, masked, (tokens, commit) in results:
-        for i, token, flag in zip(masked, tokens.tolist(), commit.tolist()):
+    for row, masked, row_tokens, flags in results:
+        for i, token, flag in zip(masked, row_tokens, flags):
             if flag:
                 row.block[i] = token
         wanted = row.settings.max_tokens - row.stats.generated

@@ -156,20 +156,31 @@ def choose(logits: mx.array, sampling: Sampling, positions: Sequence[int]) -> mx
     return _draw(logits, sampling, [sampling.seed] * len(positions), positions)
 
 
-def _draw(logits: mx.array, sampling: Sampling, seeds, positions) -> mx.array:
+def _draw(logits: mx.array, sampling: Sampling, seeds, positions, confidence: bool = False):
     if sampling.greedy:
-        return mx.argmax(logits, axis=-1)
-    logprobs = filtered_logprobs(logits, sampling)
-    return mx.argmax(logprobs + _noise(seeds, positions, logits.shape[-1]), axis=-1)
+        logprobs = logits
+        tokens = mx.argmax(logits, axis=-1)
+    else:
+        logprobs = filtered_logprobs(logits, sampling)
+        tokens = mx.argmax(logprobs + _noise(seeds, positions, logits.shape[-1]), axis=-1)
+    if not confidence:
+        return tokens
+    probs = mx.softmax(logprobs, axis=-1, precise=True)
+    return tokens, mx.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0]
 
 
 def choose_rows(
-    logits: mx.array, samplings: Sequence[Sampling], positions: Sequence[int]
-) -> mx.array:
+    logits: mx.array,
+    samplings: Sequence[Sampling],
+    positions: Sequence[int],
+    confidence: bool = False,
+):
     """``choose`` for rows [N, vocab] of different requests, row i with ``samplings[i]``.
 
     Every step of the computation is row by row, so a row's token is the one
-    it gets alone. Rows whose settings differ only in their seed are drawn together.
+    it gets alone. Rows whose settings differ only in their seed are drawn
+    together. With ``confidence``, also each token's float32 probability under
+    the distribution it was drawn from (the filtered one when sampling).
     """
     groups: dict[Sampling, list[int]] = {}
     for i, sampling in enumerate(samplings):
@@ -178,11 +189,15 @@ def choose_rows(
     for sampling, rows in groups.items():
         part = logits if len(groups) == 1 else logits[mx.array(rows)]
         seeds = [samplings[i].seed for i in rows]
-        parts.append(_draw(part, sampling, seeds, [positions[i] for i in rows]))
+        parts.append(_draw(part, sampling, seeds, [positions[i] for i in rows], confidence))
         order += rows
     if len(parts) == 1:
         return parts[0]
     inverse = [0] * len(order)
     for place, row in enumerate(order):
         inverse[row] = place
-    return mx.concatenate(parts)[mx.array(inverse)]
+    inverse = mx.array(inverse)
+    if not confidence:
+        return mx.concatenate(parts)[inverse]
+    tokens, probs = zip(*parts)
+    return mx.concatenate(tokens)[inverse], mx.concatenate(probs)[inverse]
