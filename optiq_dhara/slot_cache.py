@@ -56,13 +56,8 @@ class SlotLayer:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         owner, i = self._owner, self._index
-        index = mx.broadcast_to(owner._write[:, None, :, None], keys.shape)
-        owner.keys[i] = mx.put_along_axis(
-            owner._buffer(owner.keys, i, keys, 2), index, keys, axis=2
-        )
-        owner.values[i] = mx.put_along_axis(
-            owner._buffer(owner.values, i, values, 2), index, values, axis=2
-        )
+        owner.keys[i] = owner._write_at(owner._buffer(owner.keys, i, keys, 2), keys, 2)
+        owner.values[i] = owner._write_at(owner._buffer(owner.values, i, values, 2), values, 2)
         used = owner._used
         return owner.keys[i][:, :, :used], owner.values[i][:, :, :used]
 
@@ -71,9 +66,8 @@ class SlotLayer:
         owner._pending[i] = (history, inputs)
         if inputs.shape[-1] == 0:
             return inputs
-        index = mx.broadcast_to(owner._write[:, :, None], inputs.shape)
         store = owner._buffer(owner.canon, i, inputs, 1)
-        owner.canon[i] = mx.put_along_axis(store, index, inputs, axis=1)
+        owner.canon[i] = owner._write_at(store, inputs, 1)
         return owner.canon[i]
 
 
@@ -102,6 +96,7 @@ class SlotCache:
         self._pending: list[Optional[tuple[mx.array, mx.array]]] = [None] * count
         self._offsets = mx.array(self.lengths)
         self._write: Optional[mx.array] = None
+        self._start: Optional[int] = None  # where every row writes, when they all write at one place
         self._used = 0
 
     @property
@@ -142,6 +137,7 @@ class SlotCache:
         starts = mx.array(self.lengths)
         self._offsets = starts
         self._write = starts[:, None] + mx.arange(length)
+        self._start = self.lengths[0] if len(set(self.lengths)) == 1 else None
         self._used = max(self.lengths) + length
         queries = self._write[:, None, :, None]
         keys = mx.arange(self._used)
@@ -150,16 +146,35 @@ class SlotCache:
         seen = (keys // grid <= queries // grid) & (keys < ends)
         return mx.where(queries >= ends, keys <= queries, seen)
 
+    def _write_at(self, buffer: mx.array, update: mx.array, axis: int) -> mx.array:
+        """``buffer`` with each row's ``update`` written from the row's length on.
+
+        A slice update when every row starts at the same position (one row, or
+        rows in step), else one scatter.
+        """
+        if self._start is not None:
+            index = (slice(None),) * axis + (slice(self._start, self._start + update.shape[axis]),)
+            buffer[index] = update
+            return buffer
+        shape = [update.shape[0]] + [1] * (update.ndim - 1)
+        shape[axis] = update.shape[axis]
+        index = mx.broadcast_to(self._write.reshape(shape), update.shape)
+        return mx.put_along_axis(buffer, index, update, axis=axis)
+
     def commit(self, lengths: Sequence[int]) -> None:
         """After a forward: the rows hold ``lengths`` tokens (at least what they held
         before it, at most that plus what it wrote); their tails follow."""
         new = mx.array(list(lengths))
         if self.history_len and self._pending[0] is not None:
-            shift = (new - self._offsets)[:, None, None]
-            index = shift + mx.arange(self.history_len)[None, :, None]
+            shifts = {n - old for n, old in zip(lengths, self.lengths)}
+            shift = shifts.pop() if len(shifts) == 1 else None
+            index = (new - self._offsets)[:, None, None] + mx.arange(self.history_len)[:, None]
             for i, (history, inputs) in enumerate(self._pending):
                 both = mx.concatenate([history, inputs], axis=1)
-                self.tails[i] = mx.take_along_axis(both, index, axis=1)
+                if shift is not None:
+                    self.tails[i] = both[:, shift : shift + self.history_len]
+                else:
+                    self.tails[i] = mx.take_along_axis(both, index, axis=1)
         self._pending = [None] * len(self._pending)
         self.lengths = list(lengths)
         self._offsets = new

@@ -200,6 +200,7 @@ class Engine:
         self.groups = {mode: Group(model, mode, step) for mode, step in steps.items()}
         self.waiting: deque[Row] = deque()
         self.joining: deque[Row] = deque()
+        self._held: list[tuple[Row, Step]] = []  # made final between steps (by a cancel)
 
     def add(self, prompt: list[int], settings: Settings, sampling: Sampling) -> Row:
         """Queue a request (already checked, with a concrete seed when sampled)."""
@@ -221,8 +222,9 @@ class Engine:
         self._leave(row)
 
     def step(self) -> list[tuple[Row, Step]]:
-        """Prefill some, decode one step of every mode; the Steps rows made final."""
-        events = self._join()
+        """Prefill some, decode one step of every mode; the Steps rows made final,
+        one per row (its tokens of this step together)."""
+        events, self._held = self._held + self._join(), []
         for group in self.groups.values():
             events += group.step()
         for group in self.groups.values():
@@ -231,7 +233,7 @@ class Engine:
                 for row in [r for r in group.active if r.done]:
                     self._leave(row)
                 group.compact()
-        return events
+        return _one_per_row(events + self._held)
 
     def fail(self) -> None:
         """After an error inside a step: drop every row, and the prefix cache's entries
@@ -254,7 +256,7 @@ class Engine:
             cache = row.cache
         else:
             group = row.group
-            group.flush()
+            self._held += group.flush()  # other rows' tokens in flight: handed out next step
             cache = group.cache.take_row(row.slot) if self.prefix_cache is not None else None
             group.remove(row)
             group.compact()
@@ -359,3 +361,15 @@ class Engine:
             stats.prefilled()
             events.append((row, row.emit([token])))
         return events
+
+
+def _one_per_row(events: list[tuple[Row, Step]]) -> list[tuple[Row, Step]]:
+    """Merge the Steps of a row into one, in order, so that only a row's last Step
+    of a run carries its finish reason (``stats`` is the row's live object)."""
+    merged: dict[int, tuple[Row, Step]] = {}
+    for row, step in events:
+        if id(row) in merged:
+            merged[id(row)][1].tokens.extend(step.tokens)
+        else:
+            merged[id(row)] = (row, Step(list(step.tokens), step.stats))
+    return list(merged.values())

@@ -156,3 +156,22 @@ def test_prefix_cache_stays_within_its_bytes(golden_model, golden):
         generate_ids(golden_model, list(range(start, start + 20)), max_tokens=4, prefix_cache=small)
     assert len(small) == 2 and small.nbytes <= 2 * one
     assert small.tokens[:20] == list(range(2, 22))
+
+
+def test_cancelling_an_ar_row_loses_no_token_of_the_others(golden_model, prompts):
+    """AR steps are pipelined: a cancel reads the tokens in flight, which the others
+    still receive (at the next step)."""
+    engine = Engine(golden_model)
+    rows = [engine.add(p, *request(golden_model, max_tokens=12)) for p in prompts]
+    out = {id(r): [] for r in rows}
+    for _ in range(4):
+        for row, step in engine.step():
+            out[id(row)] += step.tokens
+    engine.cancel(rows[0])
+    while engine.rows:
+        events = engine.step()
+        assert len({id(row) for row, _ in events}) == len(events)  # one Step per row
+        for row, step in events:
+            out[id(row)] += step.tokens
+    for p, row in zip(prompts[1:], rows[1:]):
+        assert out[id(row)] == generate_ids(golden_model, p, max_tokens=12)
