@@ -30,8 +30,31 @@ def serve(
             "(default: max_position_embeddings of config.json, else 8192).",
         ),
     ] = None,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="Requests decoded together in one continuous batch.")
+    ] = 32,
+    max_queue: Annotated[
+        Optional[int],
+        typer.Option(
+            min=0,
+            help="Requests that may wait for a batch slot; more get HTTP 429 "
+            "(default: 4 x --max-batch).",
+        ),
+    ] = None,
+    prompt_cache_bytes: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Bytes of state the prefix cache, shared by all requests, may hold "
+            "(default 1 GiB; 0: no cache).",
+        ),
+    ] = 1 << 30,
     prefix_cache: Annotated[
-        bool, typer.Option(help="Reuse the state of a shared prompt prefix across requests.")
+        bool,
+        typer.Option(
+            help="Reuse the state of a shared prompt prefix across requests "
+            "(--no-prefix-cache is --prompt-cache-bytes 0)."
+        ),
     ] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -39,6 +62,7 @@ def serve(
 
     A request may set mode, block_len, threshold and k besides the OpenAI
     sampling fields; --mode and --max-tokens are the defaults when it does not.
+    Requests are decoded together, --max-batch at a time, in a continuous batch.
     """
     from optiq_dhara.serve.app import run_server
 
@@ -51,6 +75,8 @@ def serve(
         api_key=api_key,
         max_tokens=max_tokens,
         max_context=max_context,
-        prefix_cache=prefix_cache,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        prompt_cache_bytes=prompt_cache_bytes if prefix_cache else 0,
         log_level=log_level,
     )

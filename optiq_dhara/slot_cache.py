@@ -9,6 +9,10 @@ attends under a per-row mask, and rolling a row back is lowering its length.
 Positions are global and the keys carry their RoPE, so what is past a row's
 length is never read, only overwritten later.
 
+Every update is functional (``put_along_axis``, ``slice_update``), never an
+in-place ``a[...] = b``: caches share arrays (a prefix-cache entry and the rows
+started from it), and MLX writes in place only into a buffer nobody else holds.
+
 Canon state: every canon input is written to a store (read only to rebuild a
 tail when a row is cut back to an arbitrary length), and each row keeps the
 last K-1 inputs as a small tail that the next forward reads. ``commit`` sets the
@@ -96,7 +100,9 @@ class SlotCache:
         self._pending: list[Optional[tuple[mx.array, mx.array]]] = [None] * count
         self._offsets = mx.array(self.lengths)
         self._write: Optional[mx.array] = None
-        self._start: Optional[int] = None  # where every row writes, when they all write at one place
+        self._start: Optional[int] = (
+            None  # where every row writes, when they all write at one place
+        )
         self._used = 0
 
     @property
@@ -153,9 +159,8 @@ class SlotCache:
         rows in step), else one scatter.
         """
         if self._start is not None:
-            index = (slice(None),) * axis + (slice(self._start, self._start + update.shape[axis]),)
-            buffer[index] = update
-            return buffer
+            start = mx.array([self._start])
+            return mx.slice_update(buffer, update, start, axes=(axis,))
         shape = [update.shape[0]] + [1] * (update.ndim - 1)
         shape[axis] = update.shape[axis]
         index = mx.broadcast_to(self._write.reshape(shape), update.shape)
@@ -225,12 +230,13 @@ class SlotCache:
                     continue
                 target = self._buffer(mine, i, a, axis)
                 span = (slice(None),) * (axis - 1) + (slice(0, length),)
-                target[(slice(row, row + 1),) + span] = a[(take,) + span]
+                start = mx.array([row, 0])
+                mine[i] = mx.slice_update(target, a[(take,) + span], start, axes=(0, axis))
         for i, tail in enumerate(source.tails):
             if tail is not None:
                 if self.tails[i] is None:
                     self.tails[i] = mx.zeros((self.rows, *tail.shape[1:]), tail.dtype)
-                self.tails[i][row : row + 1] = tail[take]
+                self.tails[i] = mx.slice_update(self.tails[i], tail[take], mx.array([row]), (0,))
         self.lengths[row] = length
         self._offsets = mx.array(self.lengths)
 

@@ -1,13 +1,16 @@
-"""The OpenAI-compatible HTTP API over an Engine: routes, API key, limits and errors.
+"""The OpenAI-compatible HTTP API over a Worker: routes, API key, limits and errors.
 
 Everything a request can get wrong is answered with a 4xx before the request
-reaches the worker: the body is parsed by the pydantic models, the prompt is
-tokenized here to check it against the context, and a streamed request waits
-for its first chunk (which is where the runtime checks its arguments) before
-the 200 goes out. Any other failure is a 500 with an error body; the server
-itself keeps running.
+reaches the batch: the body is parsed by the pydantic models, the prompt is
+tokenized (in a thread) to check it against the context, and the runtime checks
+the arguments before the job is queued; a streamed request also waits for its
+first chunk before the 200 goes out. A full queue is a 429 with Retry-After.
+Any other failure is a 500 with an error body; the server itself keeps running.
+A client that disconnects, while its answer is being made or waited for,
+cancels its job.
 """
 
+import asyncio
 import json
 import logging
 import secrets
@@ -26,9 +29,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from optiq_dhara.runtime.prefix_cache import DEFAULT_BYTES
 from optiq_dhara.runtime.text import encode_prompt
 
-from .engine import Engine
+from .engine import QueueFull, Worker
 from .errors import APIError, from_validation, invalid, server_error
 from .responses import Completion, ToolCallStream, sse, tool_result, usage
 from .schemas import ChatCompletionRequest, CompletionRequest, DecodeRequest, Mode
@@ -36,6 +40,11 @@ from .schemas import ChatCompletionRequest, CompletionRequest, DecodeRequest, Mo
 log = logging.getLogger("optiq_dhara.serve")
 
 Handler = Callable[[Request], Awaitable[Response]]
+RETRY_AFTER = 1  # seconds a client told 429 should wait; a batch slot frees every few steps
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready."""
 
 
 @dataclass(frozen=True)
@@ -49,9 +58,9 @@ class ServerConfig:
     max_context: int = 8192
 
 
-def create_app(engine: Engine, config: ServerConfig) -> Starlette:
-    """The Starlette app serving ``engine`` (already started)."""
-    api = _API(engine, config)
+def create_app(worker: Worker, config: ServerConfig) -> Starlette:
+    """The Starlette app serving ``worker`` (already started)."""
+    api = _API(worker, config)
     routes = [
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", api.guarded(api.models), methods=["GET"]),
@@ -82,6 +91,36 @@ async def _read(request: Request, schema: type[BaseModel]) -> Any:
         raise from_validation(exc) from None
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(request: Request, awaitable: Awaitable) -> Any:
+    """The result of ``awaitable``, or _ClientGone if the client leaves first; then
+    ``awaitable`` is cancelled, which ends the request's stream and so its job."""
+    work = asyncio.ensure_future(awaitable)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait({work})
+    if work.cancelled():
+        raise _ClientGone()
+    return work.result()
+
+
+def _busy(exc: QueueFull) -> Response:
+    """429 in OpenAI's rate-limit shape, with Retry-After."""
+    response = APIError(429, str(exc), type="requests", code="rate_limit_exceeded").response()
+    response.headers["Retry-After"] = str(RETRY_AFTER)
+    return response
+
+
 def _finish_reason(last: Any, tool_calls: list) -> str:
     if tool_calls:
         return "tool_calls"
@@ -95,8 +134,8 @@ def _usage(last: Any, prompt_tokens: int) -> dict:
 
 
 class _API:
-    def __init__(self, engine: Engine, config: ServerConfig):
-        self.engine, self.config = engine, config
+    def __init__(self, worker: Worker, config: ServerConfig):
+        self.worker, self.config = worker, config
 
     def guarded(self, handler: Handler) -> Handler:
         """``handler`` behind the API key, with every exception turned into an error body."""
@@ -107,6 +146,10 @@ class _API:
                 return await handler(request)
             except APIError as exc:
                 return exc.response()
+            except QueueFull as exc:
+                return _busy(exc)
+            except _ClientGone:
+                return Response(status_code=499)  # nobody reads it
             except ValueError as exc:  # the runtime refused an argument
                 return invalid(str(exc)).response()
             except Exception as exc:
@@ -130,14 +173,15 @@ class _API:
             )
 
     async def health(self, request: Request) -> Response:
-        if not self.engine.alive:
+        if not self.worker.alive:
             return APIError(503, "The model worker is not running.", type="server_error").response()
         return JSONResponse(
             {
                 "status": "ok",
                 "model": self.config.model_id,
-                "queued": self.engine.pending,
-                "requests": self.engine.counts,
+                "queued": self.worker.pending,
+                "running": self.worker.running,
+                "requests": self.worker.counts,
             }
         )
 
@@ -154,17 +198,18 @@ class _API:
         body: ChatCompletionRequest = await _read(request, ChatCompletionRequest)
         messages = [message.template_dict() for message in body.messages]
         reply = Completion(True, self.config.model_id)
-        return await self._respond(body, messages, reply, body.template_tools())
+        return await self._respond(request, body, messages, reply, body.template_tools())
 
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await _read(request, CompletionRequest)
         reply = Completion(False, self.config.model_id)
-        return await self._respond(body, body.prompt, reply, None)
+        return await self._respond(request, body, body.prompt, reply, None)
 
-    def _prompt_tokens(self, prompt: Union[str, list[dict]], chat: bool, tools) -> int:
-        """Length of the prompt as the runtime will encode it."""
+    async def _prompt_ids(self, prompt: Union[str, list[dict]], chat: bool, tools) -> list[int]:
+        """The prompt's token ids, encoded in a thread (a long chat template takes a while)."""
+        tokenizer = self.worker.tokenizer
         try:
-            return len(encode_prompt(self.engine.tokenizer, prompt, chat=chat, tools=tools))
+            return await asyncio.to_thread(encode_prompt, tokenizer, prompt, chat=chat, tools=tools)
         except TemplateError as exc:
             raise invalid(f"The chat template rejected the messages: {exc}", "messages") from None
 
@@ -193,15 +238,15 @@ class _API:
 
     async def _respond(
         self,
+        request: Request,
         body: DecodeRequest,
         prompt: Union[str, list[dict]],
         reply: Completion,
         tools: Optional[list[dict]],
     ) -> Response:
-        prompt_tokens = self._prompt_tokens(prompt, reply.chat, tools)
+        prompt_ids = await self._prompt_ids(prompt, reply.chat, tools)
+        prompt_tokens = len(prompt_ids)
         options = dict(
-            chat=reply.chat,
-            tools=tools,
             mode=body.mode or self.config.mode,
             max_tokens=self._budget(
                 body.token_limit, prompt_tokens, "messages" if reply.chat else "prompt"
@@ -217,13 +262,11 @@ class _API:
             threshold=body.threshold,
             k=body.k,
         )
-        chunks = self.engine.stream(prompt, **options)
+        chunks = self.worker.stream(prompt_ids, **options)
         if not body.stream:
-            return JSONResponse(await self._collect(reply, chunks, prompt_tokens, bool(tools)))
-        try:
-            first = await anext(chunks)
-        except StopAsyncIteration:
-            first = None
+            whole = self._collect(reply, chunks, prompt_tokens, bool(tools))
+            return JSONResponse(await _unless_gone(request, whole))
+        first = await _unless_gone(request, anext(chunks, None))
         events = self._events(reply, first, chunks, prompt_tokens, body.include_usage, bool(tools))
         return StreamingResponse(events, media_type="text/event-stream")
 
@@ -308,19 +351,25 @@ def run_server(
     api_key: Optional[str] = None,
     max_tokens: int = 512,
     max_context: Optional[int] = None,
-    prefix_cache: bool = True,
+    max_batch: int = 32,
+    max_queue: Optional[int] = None,
+    prompt_cache_bytes: int = DEFAULT_BYTES,
     log_level: str = "info",
 ) -> None:
     """Load the model on the worker and serve it with uvicorn until interrupted.
 
-    The context defaults to the model's ``max_position_embeddings``, else 8192.
+    The context defaults to the model's ``max_position_embeddings``, else 8192;
+    ``max_queue`` to 4 x ``max_batch``; ``prompt_cache_bytes`` 0 turns the
+    prefix cache off.
     """
     import uvicorn
 
-    engine = Engine(load, prefix_cache=prefix_cache).start()
-    context = max_context or engine.model.args.max_position_embeddings or 8192
+    worker = Worker(
+        load, max_batch=max_batch, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes
+    ).start()
+    context = max_context or worker.model.args.max_position_embeddings or 8192
     config = ServerConfig(model_id, mode, api_key, max_tokens, context)
     try:
-        uvicorn.run(create_app(engine, config), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(worker, config), host=host, port=port, log_level=log_level)
     finally:
-        engine.close()
+        worker.close()

@@ -1,25 +1,40 @@
-"""One worker thread that owns the model and runs every request, in arrival order.
+"""One worker thread that owns the model and decodes every request in one continuous batch.
 
-MLX work stays on a single thread (the model is loaded there too), so requests
-never interleave their forwards or their cache updates; the event loop only
-queues jobs and relays what the worker emits. A job whose client went away is
-flagged and the worker stops it at its next final chunk, so a disconnect costs
-the others at most one decoding step. The runtime's PrefixCache lives on the
-worker and carries shared prompt prefixes from one request to the next.
+MLX work stays on a single thread (the model is loaded there too): the worker
+owns a runtime ``Engine`` and calls its ``step`` in a loop. New requests join
+the batch between steps, a request whose client went away is dropped at the
+next step, and each step's tokens become text per request (``TextStream``),
+handed to the request's coroutine on the event loop. Tokenizing, the stop set
+and the argument checks run in a thread pool, so neither the event loop nor the
+batch waits for them. The runtime's PrefixCache lives on the worker and is
+shared by all rows.
+
+Admission is bounded: at most ``max_batch`` requests decode and ``max_queue``
+more wait; past that ``stream`` raises ``QueueFull`` (the server answers 429).
 """
 
 import asyncio
 import queue
 import threading
-from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from optiq_dhara.runtime import PrefixCache, stream_text
+from optiq_dhara.runtime import PrefixCache
+from optiq_dhara.runtime.decode import make_request
+from optiq_dhara.runtime.engine import Engine, Row
+from optiq_dhara.runtime.prefix_cache import DEFAULT_BYTES
+from optiq_dhara.runtime.sampling import Sampling
+from optiq_dhara.runtime.settings import Settings, check_prompt
+from optiq_dhara.runtime.stats import Step
+from optiq_dhara.runtime.text import TextChunk, TextStream
 
 Loader = Callable[[], tuple[Any, Any]]
+
+
+class QueueFull(Exception):
+    """Every batch slot and queue place is taken; the client should retry later."""
 
 
 class _Done:
@@ -28,8 +43,10 @@ class _Done:
 
 @dataclass
 class _Job:
-    prompt: Any
-    options: dict
+    prompt: list[int]
+    settings: Settings
+    sampling: Sampling
+    text: TextStream
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -42,21 +59,40 @@ class _Job:
             self.cancelled.set()
 
 
-class Engine:
-    """Runs ``stream_text`` for queued requests on its own thread."""
+class Worker:
+    """Decodes the queued requests together on its own thread, ``max_batch`` at a time."""
 
-    def __init__(self, load: Loader, *, prefix_cache: bool = True):
+    def __init__(
+        self,
+        load: Loader,
+        *,
+        max_batch: int = 32,
+        max_queue: Optional[int] = None,
+        prompt_cache_bytes: int = DEFAULT_BYTES,
+    ):
+        """``max_queue`` defaults to 4 x ``max_batch``; ``prompt_cache_bytes`` 0 turns
+        the prefix cache off."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
+        max_queue = 4 * max_batch if max_queue is None else max_queue
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}.")
+        if prompt_cache_bytes < 0:
+            raise ValueError(f"prompt_cache_bytes must be >= 0, got {prompt_cache_bytes}.")
         self._load = load
-        self._use_prefix_cache = prefix_cache
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.prompt_cache_bytes = prompt_cache_bytes
         self._jobs: queue.Queue[Optional[_Job]] = queue.Queue()
+        self._admitted = 0  # requests between admission and their end (event loop only)
+        self._rows = 0  # requests in the runtime engine (written by the worker)
         self._ready = threading.Event()
         self._load_error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, name="dhara-mlx-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="dhara-mlx-worker", daemon=True)
         self.model: Any = None
         self.tokenizer: Any = None
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
 
-    def start(self) -> "Engine":
+    def start(self) -> "Worker":
         """Start the worker and wait until the model is loaded (re-raising a load failure)."""
         self._thread.start()
         self._ready.wait()
@@ -65,7 +101,7 @@ class Engine:
         return self
 
     def close(self) -> None:
-        """Let the worker finish the job in hand and stop."""
+        """Let the worker finish the requests in hand and stop."""
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
@@ -75,19 +111,39 @@ class Engine:
         return self._thread.is_alive()
 
     @property
+    def running(self) -> int:
+        """Requests in the batch: prefilling or decoding."""
+        return min(self._rows, self.max_batch)
+
+    @property
     def pending(self) -> int:
-        """Jobs waiting for the worker."""
-        return self._jobs.qsize()
+        """Requests waiting for a place in the batch."""
+        return self._jobs.qsize() + self._rows - self.running
 
-    async def stream(self, prompt: Any, **options) -> AsyncIterator[Any]:
-        """The TextChunks of one request as the worker makes them final.
+    async def stream(
+        self, prompt_ids: Sequence[int], *, stop: Sequence[str] = (), **options
+    ) -> AsyncIterator[TextChunk]:
+        """The TextChunks of one request as the batch makes them final.
 
-        Leaving the iteration early (a disconnect cancels it) stops the job.
-        Exceptions raised by the runtime come out here.
+        ``options`` are ``make_request``'s arguments after ``model`` (``stop_ids``
+        aside: the stop set is the tokenizer's). Raises QueueFull when the batch
+        and the queue are full, ValueError for arguments the runtime refuses.
+        Leaving the iteration early (a disconnect cancels it) drops the request
+        from the batch at the next step.
         """
-        job = _Job(prompt, options, asyncio.get_running_loop(), asyncio.Queue())
-        self._jobs.put(job)
+        if not self.alive:
+            raise RuntimeError("The model worker is not running.")
+        if self._admitted >= self.max_batch + self.max_queue:
+            raise QueueFull(
+                f"The server is busy: {self.max_batch} requests are decoding and "
+                f"{self.max_queue} waiting. Retry shortly."
+            )
+        self._admitted += 1
+        job = None
         try:
+            loop = asyncio.get_running_loop()
+            job = await asyncio.to_thread(self._job, prompt_ids, stop, options, loop)
+            self._jobs.put(job)
             while True:
                 item = await job.out.get()
                 if isinstance(item, _Done):
@@ -96,7 +152,16 @@ class Engine:
                     raise item
                 yield item
         finally:
-            job.cancelled.set()
+            self._admitted -= 1
+            if job is not None:
+                job.cancelled.set()
+
+    def _job(self, prompt_ids, stop, options: dict, loop) -> _Job:
+        """A checked request, made off the event loop (the stop set maps the vocabulary)."""
+        text = TextStream(self.tokenizer, stop=stop)
+        settings, sampling = make_request(self.model, stop_ids=text.stop_ids, **options)
+        prompt = check_prompt(prompt_ids, self.model.args.vocab_size)
+        return _Job(prompt, settings, sampling, text, loop, asyncio.Queue())
 
     def _run(self) -> None:
         try:
@@ -107,30 +172,80 @@ class Engine:
     def _work(self) -> None:
         try:
             self.model, self.tokenizer = self._load()
-            prefix_cache = PrefixCache() if self._use_prefix_cache else None
+            cache = PrefixCache(self.prompt_cache_bytes) if self.prompt_cache_bytes else None
+            engine = Engine(self.model, max_batch=self.max_batch, prefix_cache=cache)
         except BaseException as exc:  # reported by start()
             self._load_error = exc
             return
         finally:
             self._ready.set()
-        while (job := self._jobs.get()) is not None:
-            self.counts[self._serve(job, prefix_cache)] += 1
+        live: dict[Row, _Job] = {}
+        accepting = True
+        while accepting or live:
+            if accepting:
+                accepting = self._take(engine, live, wait=not live)
+            for row in [r for r, job in live.items() if job.cancelled.is_set()]:
+                self._drop(engine, live, row)
+                self.counts["cancelled"] += 1
+            self._rows = len(live)
+            if live:
+                self._hand_out(engine, live, self._step(engine, live))
+            self._rows = len(live)
+        while not self._jobs.empty():  # requests that came after close()
+            if (job := self._jobs.get_nowait()) is not None:
+                job.emit(RuntimeError("The server is shutting down."))
 
-    def _serve(self, job: _Job, prefix_cache: Optional[PrefixCache]) -> str:
-        """Run one job; returns how it ended: completed, cancelled or failed."""
-        if job.cancelled.is_set():  # its client left while it waited
-            return "cancelled"
+    def _take(self, engine: Engine, live: dict[Row, _Job], wait: bool) -> bool:
+        """Add the queued jobs to the batch (waiting for one when ``wait``); False once
+        ``close`` asked the worker to stop."""
         try:
-            chunks = stream_text(
-                self.model, self.tokenizer, job.prompt, prefix_cache=prefix_cache, **job.options
-            )
-            with closing(chunks):
-                for chunk in chunks:
-                    if job.cancelled.is_set():
-                        return "cancelled"
-                    job.emit(chunk)
-            job.emit(_Done())
-            return "completed"
-        except Exception as exc:  # handed to the request; the worker lives on
-            job.emit(exc)
-            return "failed"
+            job = self._jobs.get(block=wait)
+            while job is not None:
+                if job.cancelled.is_set():  # its client left while it was queued
+                    self.counts["cancelled"] += 1
+                else:
+                    live[engine.add(job.prompt, job.settings, job.sampling)] = job
+                job = self._jobs.get_nowait()
+            return False
+        except queue.Empty:
+            return True
+
+    def _step(self, engine: Engine, live: dict[Row, _Job]) -> list[tuple[Row, Step]]:
+        """One step of the batch; if it raises, every request in it fails with the error."""
+        try:
+            return engine.step()
+        except Exception as exc:
+            engine.fail()
+            for job in live.values():
+                job.emit(exc)
+            self.counts["failed"] += len(live)
+            live.clear()
+            return []
+
+    def _hand_out(self, engine: Engine, live: dict[Row, _Job], events) -> None:
+        """Turn each row's Step into text for its request; end the requests whose
+        text ended."""
+        for row, step in events:
+            job = live.get(row)
+            if job is None:  # ended earlier (a stop string) or cancelled
+                continue
+            try:
+                chunk = job.text.feed(step)
+            except Exception as exc:  # this request fails; the batch goes on
+                self._drop(engine, live, row)
+                job.emit(exc)
+                self.counts["failed"] += 1
+                continue
+            if job.text.finished:  # a stop string ends a row the engine would continue
+                self._drop(engine, live, row)
+            if chunk is not None:
+                job.emit(chunk)
+            if job.text.finished:
+                job.emit(_Done())
+                self.counts["completed"] += 1
+
+    @staticmethod
+    def _drop(engine: Engine, live: dict[Row, _Job], row: Row) -> None:
+        """Take ``row`` out of the batch (its state goes to the prefix cache)."""
+        del live[row]
+        engine.cancel(row)

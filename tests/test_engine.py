@@ -175,3 +175,19 @@ def test_cancelling_an_ar_row_loses_no_token_of_the_others(golden_model, prompts
             out[id(row)] += step.tokens
     for p, row in zip(prompts[1:], rows[1:]):
         assert out[id(row)] == generate_ids(golden_model, p, max_tokens=12)
+
+
+@pytest.mark.parametrize("mode, extra", MODES[:4])
+def test_a_prefix_cache_entry_is_never_changed_by_the_rows_using_it(
+    golden_model, golden, mode, extra
+):
+    """A row that reuses a short prefix of an entry writes past it in its own copy:
+    a later row reusing the entry's whole prefix still decodes as fresh."""
+    cache = PrefixCache()
+    prompt = list(range(40, 80))
+    kwargs = dict(mode=mode, max_tokens=10, **extra)
+    generate_ids(golden_model, prompt, prefix_cache=cache, **kwargs)
+    generate_ids(golden_model, prompt[:20] + [3, 1, 4], prefix_cache=cache, **kwargs)
+    follow_up = prompt + [9, 9]
+    again = generate_ids(golden_model, follow_up, prefix_cache=cache, **kwargs)
+    assert again == generate_ids(golden_model, follow_up, **kwargs)

@@ -6,6 +6,7 @@ without a prefix cache, in this thread: the server must add nothing and lose not
 
 import asyncio
 import json
+import threading
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -17,11 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import optiq_dhara.serve.app as app_module
 import optiq_dhara.serve.engine as engine_module
-from optiq_dhara.runtime import Stats, TextChunk, stream_text
+from optiq_dhara.runtime import TextChunk, stream_text
 from optiq_dhara.runtime.text import encode_prompt
 from optiq_dhara.serve.app import ServerConfig, background_server, create_app
-from optiq_dhara.serve.engine import Engine
+from optiq_dhara.serve.engine import Worker
 
 KEY = "test-key"
 CONTEXT = 1024
@@ -30,10 +32,38 @@ MODES = ["ar", "diffusion", "spec"]
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
+@pytest.fixture
+def steps(monkeypatch):
+    """Control over the batch steps of every worker: clear ``go`` to hold them, set it to
+    let them run; ``delay`` seconds are added to each (a slow model); ``widest`` is the
+    most requests one step has had in its batch."""
+    control = SimpleNamespace(go=threading.Event(), delay=0.0, widest=0)
+    control.go.set()
+    step = engine_module.Engine.step
+
+    def controlled(engine):
+        control.go.wait(timeout=30)
+        time.sleep(control.delay)
+        control.widest = max(control.widest, len(engine.rows))
+        return step(engine)
+
+    monkeypatch.setattr(engine_module.Engine, "step", controlled)
+    yield control
+    control.go.set()
+
+
+async def until(condition, timeout=10.0):
+    """Wait, without blocking the event loop, for ``condition()`` to hold."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
 @contextmanager
-def serving(load, **config):
-    """An Engine and a uvicorn server on a free 127.0.0.1 port, in background threads."""
-    engine = Engine(load).start()
+def serving(load, worker=None, **config):
+    """A Worker and a uvicorn server on a free 127.0.0.1 port, in background threads."""
+    engine = Worker(load, **(worker or {})).start()
     config = ServerConfig(
         "golden_tiny", api_key=KEY, max_tokens=DEFAULT_MAX_TOKENS, max_context=CONTEXT, **config
     )
@@ -101,6 +131,8 @@ def test_models_and_health(server):
     assert [m.id for m in server.client.models.list().data] == ["golden_tiny"]
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok" and health["model"] == "golden_tiny"
+    assert (health["queued"], health["running"]) == (0, 0)
+    assert set(health["requests"]) == {"completed", "cancelled", "failed"}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -269,10 +301,11 @@ def test_tool_results_go_back_into_the_template(server, tiny):
 
 @pytest.fixture
 def scripted_server(golden_dir, monkeypatch):
-    """A server whose runtime text is scripted (a model stub, for tool-call routing only).
+    """A server whose text is scripted (a model stub, for tool-call routing only).
 
-    The random tiny model never writes a tool call; this stub replaces ``stream_text``
-    in the engine and records what the server handed it.
+    The random tiny model never writes a tool call: the worker's ``TextStream`` is
+    replaced by one that hands out these pieces, one per step, whatever the model
+    decodes, and the prompt encoding records what the server handed it.
     """
     seen = {}
     pieces = [
@@ -281,14 +314,25 @@ def scripted_server(golden_dir, monkeypatch):
         '"arguments": {"city": "Paris"}}\n</tool_call>',
     ]
 
-    def fake_stream_text(model, tokenizer, prompt, *, tools=None, chat, **options):
-        seen.update(prompt=prompt, tools=tools, chat=chat, **options)
-        stats = Stats(options["mode"], prompt_tokens=5)
-        for i, piece in enumerate(pieces):
-            stats.generated += 3
-            yield TextChunk(piece, [0, 0, 0], stats, "stop" if i == len(pieces) - 1 else None)
+    class ScriptedText:
+        def __init__(self, tokenizer, *, stop=(), stop_ids=()):
+            self.stop_ids, self.left = frozenset(stop_ids), list(pieces)
+            self.finished = self.stopped_by_string = False
 
-    monkeypatch.setattr(engine_module, "stream_text", fake_stream_text)
+        def feed(self, step):
+            ends = len(self.left) == 1 or step.stats.finish_reason is not None
+            text = "".join(self.left) if ends else self.left.pop(0)
+            if ends:  # as a stop string would end it
+                self.finished = self.stopped_by_string = True
+                step.stats.finish_reason = "stop"
+            return TextChunk(text, step.tokens, step.stats, step.stats.finish_reason)
+
+    def recording_encode(tokenizer, prompt, *, chat, tools=None):
+        seen.update(prompt=prompt, tools=tools, chat=chat)
+        return encode_prompt(tokenizer, prompt, chat=chat, tools=tools)
+
+    monkeypatch.setattr(engine_module, "TextStream", ScriptedText)
+    monkeypatch.setattr(app_module, "encode_prompt", recording_encode)
     with serving(lambda: mlx_lm.load(str(golden_dir))) as running:
         running.seen = seen
         yield running
@@ -354,7 +398,7 @@ async def streamed(client, request):
     return "".join([c.choices[0].text async for c in stream])
 
 
-def test_32_concurrent_streams_each_get_their_lone_answer(server, tiny):
+def test_32_concurrent_streams_each_get_their_lone_answer(server, tiny, steps):
     requests = load_mix()
     expected = []
     for r in requests:
@@ -371,11 +415,15 @@ def test_32_concurrent_streams_each_get_their_lone_answer(server, tiny):
             base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60
         )
         async with client:
-            return await asyncio.wait_for(
-                asyncio.gather(*(streamed(client, r) for r in requests)), timeout=120
-            )
+            steps.go.clear()  # hold the batch until every request has arrived
+            texts = asyncio.gather(*(streamed(client, r) for r in requests))
+            worker = server.engine
+            await until(lambda: worker.running + worker.pending == len(requests))
+            steps.go.set()
+            return await asyncio.wait_for(texts, timeout=120)
 
     assert asyncio.run(all_at_once()) == expected
+    assert steps.widest == len(requests)  # decoded together, in one batch
 
 
 def test_a_client_leaving_mid_stream_disturbs_no_one(server, tiny):
@@ -414,6 +462,150 @@ def test_a_client_leaving_mid_stream_disturbs_no_one(server, tiny):
     wait_until(lambda: counts["completed"] == before["completed"] + 4)
     assert counts["cancelled"] == before["cancelled"] + 1  # the worker stopped the abandoned job
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_rows_that_end_early_take_no_tokens_from_the_others(server, tiny, steps):
+    """AR rows decode one step ahead; a row cut by a stop string, or by its client,
+    leaves the batch while the others' next tokens are in flight."""
+    full = alone(tiny, "Once upon a time", chat=False, mode="ar", max_tokens=16)[0]
+    cut = dict(prompt="Once upon a time", max_tokens=16, stop=[full[6:9]])
+    others = [dict(prompt=p, max_tokens=16) for p in ("Hello", "1 2 3 4", "The capital")]
+    gone = {"prompt": "Once upon a time", "max_tokens": 400, "mode": "ar", "stream": True}
+    before = server.engine.counts["cancelled"]
+
+    async def together():
+        client = openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60
+        )
+        async with client, httpx.AsyncClient(base_url=server.url, headers=AUTH) as http:
+            steps.go.clear()
+            leaving = asyncio.create_task(http.post("/v1/completions", json=gone))
+            replies = asyncio.gather(
+                *(
+                    client.completions.create(model="golden_tiny", extra_body={"mode": "ar"}, **r)
+                    for r in [cut, *others]
+                )
+            )
+            await until(lambda: server.engine.running + server.engine.pending == 5)
+            steps.delay = 0.005
+            steps.go.set()
+            await asyncio.sleep(0.03)
+            leaving.cancel()
+            await asyncio.wait({leaving})
+            return await replies
+
+    texts = [reply.choices[0].text for reply in asyncio.run(together())]
+    assert texts[0] == full[: full.find(full[6:9])]
+    for text, r in zip(texts[1:], others, strict=True):
+        assert text == alone(tiny, r["prompt"], chat=False, mode="ar", max_tokens=16)[0]
+    wait_until(lambda: server.engine.counts["cancelled"] == before + 1)
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ONCE = {"prompt": "Once upon a time", "mode": "ar", "max_tokens": 8}
+
+
+def once_alone(tiny):
+    return alone(tiny, ONCE["prompt"], chat=False, mode="ar", max_tokens=8)[0]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_leaves_frees_its_row(golden_dir, tiny, steps, stream):
+    """One batch slot, slow steps: the abandoned request would hold the slot for 9 s."""
+    steps.delay = 0.01
+    long_request = {**ONCE, "max_tokens": 900, "stream": stream}
+
+    async def leave_then_ask(worker, url):
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as http:
+            if stream:
+                async with http.stream("POST", "/v1/completions", json=long_request) as response:
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: "):
+                            break  # leave after the first chunk
+            else:
+                waiting = asyncio.create_task(http.post("/v1/completions", json=long_request))
+                await until(lambda: worker.running == 1)
+                await asyncio.sleep(0.1)  # a few steps into it
+                waiting.cancel()  # the client hangs up
+                await asyncio.wait({waiting})
+            await until(lambda: worker.counts["cancelled"] == 1 and worker.running == 0)
+            health = (await http.get("/health")).json()
+            start = time.monotonic()
+            reply = await http.post("/v1/completions", json=ONCE)
+            return health, reply.json(), time.monotonic() - start
+
+    with serving(lambda: mlx_lm.load(str(golden_dir)), worker={"max_batch": 1}) as running:
+        health, reply, seconds = asyncio.run(leave_then_ask(running.engine, running.url))
+        counts = running.engine.counts
+    assert (health["running"], health["queued"]) == (0, 0)
+    assert health["requests"] == {"completed": 0, "cancelled": 1, "failed": 0}
+    assert counts == {"completed": 1, "cancelled": 1, "failed": 0}
+    assert reply["choices"][0]["text"] == once_alone(tiny)
+    assert seconds < 5
+
+
+def test_a_full_queue_answers_429_with_retry_after(golden_dir, tiny, steps):
+    """One request decoding, one waiting: the third is refused, and the two are served."""
+
+    async def three(worker, url):
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=60) as http:
+            steps.go.clear()
+            first = asyncio.create_task(http.post("/v1/completions", json=ONCE))
+            await until(lambda: worker.running == 1)
+            second = asyncio.create_task(http.post("/v1/completions", json={**ONCE, "stream": 1}))
+            await until(lambda: worker.pending == 1)
+            third = await http.post("/v1/completions", json=ONCE)
+            health = (await http.get("/health")).json()
+            steps.go.set()
+            return third, health, (await first).json(), await second
+
+    config = {"max_batch": 1, "max_queue": 1}
+    with serving(lambda: mlx_lm.load(str(golden_dir)), worker=config) as running:
+        third, health, first, second = asyncio.run(three(running.engine, running.url))
+    assert third.status_code == 429 and third.headers["retry-after"] == "1"
+    error = error_of(third)
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert (health["running"], health["queued"]) == (1, 1)
+    expected = once_alone(tiny)
+    assert first["choices"][0]["text"] == expected
+    streamed_text = "".join(
+        json.loads(line[6:])["choices"][0]["text"]
+        for line in second.text.splitlines()
+        if line.startswith("data: {") and json.loads(line[6:])["choices"]
+    )
+    assert streamed_text == expected
+
+
+def test_the_openai_client_sees_a_rate_limit_error(golden_dir, steps):
+    config = {"max_batch": 1, "max_queue": 0}
+    with serving(lambda: mlx_lm.load(str(golden_dir)), worker=config) as running:
+
+        async def two():
+            client = openai.AsyncOpenAI(
+                base_url=f"{running.url}/v1", api_key=KEY, max_retries=0, timeout=60
+            )
+            async with client:
+                steps.go.clear()
+                first = asyncio.create_task(
+                    client.completions.create(model="golden_tiny", prompt="Once", max_tokens=4)
+                )
+                await until(lambda: running.engine.running == 1)
+                try:
+                    with pytest.raises(openai.RateLimitError):
+                        await client.completions.create(model="golden_tiny", prompt="x")
+                finally:
+                    steps.go.set()
+                return await first
+
+        assert asyncio.run(two()).choices[0].finish_reason == "length"
+
+
+def test_worker_bounds_are_checked():
+    with pytest.raises(ValueError, match="max_batch"):
+        Worker(lambda: None, max_batch=0)
+    with pytest.raises(ValueError, match="max_queue"):
+        Worker(lambda: None, max_queue=-1)
+    assert Worker(lambda: None, max_batch=8).max_queue == 32
 
 
 def wait_until(condition, timeout=10.0):
@@ -524,8 +716,9 @@ def test_the_openai_client_raises_its_bad_request_error(server):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 messages = st.lists(
