@@ -1,6 +1,6 @@
 """Many prompts decoded together by the engine, each row as it decodes alone."""
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .decode import make_request
 from .engine import Engine
@@ -8,44 +8,16 @@ from .settings import check_prompt
 
 
 def generate_batch(
-    model,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_tokens: int,
-    mode: str = "ar",
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    seed: Optional[int] = None,
-    stop_ids: Sequence[int] = (),
-    block_len: int = 32,
-    threshold: float = 0.5,
-    k: int = 8,
-    max_batch: int = 32,
+    model, prompts: Sequence[Sequence[int]], *, max_batch: int = 32, **options
 ) -> list[list[int]]:
     """The generated ids of each prompt, each as ``generate_ids`` gives them alone.
 
-    Sampled rows share the seed: row i draws what its prompt draws alone with it.
+    ``options`` are ``make_request``'s, the same for every prompt (sampled rows
+    share the seed: row i draws what its prompt draws alone with it).
     """
     if not prompts:
         raise ValueError("prompts is empty; give at least one prompt.")
-    settings, sampling = make_request(
-        model,
-        mode,
-        max_tokens,
-        temperature,
-        top_p,
-        top_k,
-        min_p,
-        repetition_penalty,
-        seed,
-        stop_ids,
-        block_len,
-        threshold,
-        k,
-    )
+    settings, sampling = make_request(**options)
     checked = [check_prompt(p, model.args.vocab_size, f"prompt {i}") for i, p in enumerate(prompts)]
     engine = Engine(model, max_batch=max_batch)
     rows = [engine.add(p, settings, sampling) for p in checked]

@@ -9,9 +9,7 @@ from .settings import Settings, check_prompt
 from .stats import Step
 
 
-def decode(
-    model,
-    prompt_ids: Sequence[int],
+def make_request(
     *,
     mode: str = "ar",
     max_tokens: int,
@@ -25,51 +23,13 @@ def decode(
     block_len: int = 32,
     threshold: float = 0.5,
     k: int = 8,
-    prefix_cache: Optional[PrefixCache] = None,
-) -> Iterator[Step]:
-    """Decode after ``prompt_ids``, yielding tokens as soon as they are final.
-
-    The arguments are checked here, before the first step. The last step's
-    ``stats.finish_reason`` is "stop" (a stop id was generated, and is the last
-    token) or "length" (``max_tokens`` reached). With ``prefix_cache`` the run
-    starts from the state of an earlier run that shares a prefix with this
-    prompt and leaves its own state there when it ends or is closed.
-    """
-    settings, sampling = make_request(
-        model,
-        mode,
-        max_tokens,
-        temperature,
-        top_p,
-        top_k,
-        min_p,
-        repetition_penalty,
-        seed,
-        stop_ids,
-        block_len,
-        threshold,
-        k,
-    )
-    prompt = check_prompt(prompt_ids, model.args.vocab_size)
-    return _run(Engine(model, max_batch=1, prefix_cache=prefix_cache), prompt, settings, sampling)
-
-
-def make_request(
-    model,
-    mode,
-    max_tokens,
-    temperature,
-    top_p,
-    top_k,
-    min_p,
-    repetition_penalty,
-    seed,
-    stop_ids,
-    block_len,
-    threshold,
-    k,
 ) -> tuple[Settings, Sampling]:
-    """Checked settings and sampling (with a concrete seed when sampled)."""
+    """The decoding options of one request, checked: its ``Settings`` and ``Sampling``
+    (with a concrete seed when sampled). The one list of options that ``decode``,
+    ``generate_ids``, ``generate_batch``, the CLI and the server take.
+
+    Each bad value is a ``ValueError`` naming it.
+    """
     settings = Settings(
         mode, max_tokens, frozenset(int(t) for t in stop_ids), block_len, threshold, k
     )
@@ -77,6 +37,24 @@ def make_request(
     settings.validate()
     sampling.validate()
     return settings, sampling.with_seed()
+
+
+def decode(
+    model, prompt_ids: Sequence[int], *, prefix_cache: Optional[PrefixCache] = None, **options
+) -> Iterator[Step]:
+    """Decode after ``prompt_ids``, yielding tokens as soon as they are final.
+
+    ``options`` are ``make_request``'s (``mode``, ``max_tokens``, sampling,
+    ``stop_ids``, ``block_len``, ``threshold``, ``k``), checked here before the
+    first step. The last step's ``stats.finish_reason`` is "stop" (a stop id
+    was generated, and is the last token) or "length" (``max_tokens`` reached).
+    With ``prefix_cache`` the run starts from the state of an earlier run that
+    shares a prefix with this prompt and leaves its own state there when it
+    ends or is closed.
+    """
+    settings, sampling = make_request(**options)
+    prompt = check_prompt(prompt_ids, model.args.vocab_size)
+    return _run(Engine(model, max_batch=1, prefix_cache=prefix_cache), prompt, settings, sampling)
 
 
 def _run(

@@ -159,7 +159,7 @@ class Worker:
     def _job(self, prompt_ids, stop, options: dict, loop) -> _Job:
         """A checked request, made off the event loop (the stop set maps the vocabulary)."""
         text = TextStream(self.tokenizer, stop=stop)
-        settings, sampling = make_request(self.model, stop_ids=text.stop_ids, **options)
+        settings, sampling = make_request(stop_ids=text.stop_ids, **options)
         prompt = check_prompt(prompt_ids, self.model.args.vocab_size)
         return _Job(prompt, settings, sampling, text, loop, asyncio.Queue())
 

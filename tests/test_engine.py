@@ -27,20 +27,7 @@ def prompts(golden):
 
 
 def request(model, mode="ar", max_tokens=16, **kwargs):
-    defaults = dict(
-        temperature=0.0,
-        top_p=1.0,
-        top_k=0,
-        min_p=0.0,
-        repetition_penalty=1.0,
-        seed=None,
-        stop_ids=(),
-        block_len=32,
-        threshold=0.5,
-        k=8,
-    )
-    defaults.update(kwargs)
-    return make_request(model, mode, max_tokens, *defaults.values())
+    return make_request(mode=mode, max_tokens=max_tokens, **kwargs)
 
 
 def drive(engine, schedule, steps_limit=1000):
