@@ -4,9 +4,12 @@ Feeds one-token steps (the README and the text module, tokenized by the trained
 fixture's tokenizer and repeated) to the old method, which decodes the whole
 reply again at every step, and to ``TextStream``. Prints the median rate of the
 first and the last steps; a ratio near 1 means the work per step does not grow.
-No model runs: this is the text layer alone.
+No model runs: this is the text layer alone. With ``--model`` it also streams a
+long reply end to end (``stream_text``, AR, greedy) and compares the token rate
+of its first and last tokens, which also counts the model's growing attention.
 
     python benchmarks/bench_text.py
+    python benchmarks/bench_text.py --model tests/fixtures/golden_tiny
 """
 
 import statistics
@@ -17,7 +20,7 @@ from pathlib import Path
 import typer
 from mlx_lm.utils import load_tokenizer
 
-from optiq_dhara.runtime import Stats, Step
+from optiq_dhara.runtime import Stats, Step, stream_text
 from optiq_dhara.runtime.text import TextStream, stop_token_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +81,32 @@ def step_seconds(make: Callable, tokenizer, ids: list[int]) -> tuple[list[float]
     return seconds, text
 
 
-def main(steps: int = 1200, window: int = 200, rounds: int = 15) -> None:
+def end_to_end(model_path: Path, steps: int, window: int) -> None:
+    """Tokens/s of the first and the last ``window`` tokens of one long streamed reply."""
+    import mlx_lm
+
+    model, tokenizer = mlx_lm.load(str(model_path))
+    stamps: list[tuple[float, int]] = []
+    start = time.perf_counter()
+    for chunk in stream_text(model, tokenizer, "def main():", chat=False, max_tokens=steps):
+        stamps.append((time.perf_counter() - start, len(chunk.tokens)))
+    times = [t for t, count in stamps for _ in range(count)]
+    if len(times) < 2 * window:
+        raise SystemExit(f"the reply ended after {len(times)} tokens; use another model")
+    first = window / (times[window] - times[0])
+    last = window / (times[-1] - times[-window - 1])
+    typer.echo(
+        f"{model_path.name}: {len(times)} streamed tokens; first {window}: {first:.0f} tok/s, "
+        f"last {window}: {last:.0f} tok/s, last/first {last / first:.2f}"
+    )
+
+
+def main(
+    steps: int = 1200,
+    window: int = 200,
+    rounds: int = 15,
+    model: Path = typer.Option(None, help="Also stream a reply of --steps tokens end to end."),
+) -> None:
     tokenizer = load_tokenizer(TOKENIZER)
     source = (ROOT / "README.md").read_text() + (ROOT / "runtime" / "text.py").read_text()
     ids = tokenizer.encode(source, add_special_tokens=False)
@@ -98,6 +126,8 @@ def main(steps: int = 1200, window: int = 200, rounds: int = 15) -> None:
         first = statistics.median(window / sum(s[:window]) for s, _ in done)
         last = statistics.median(window / sum(s[-window:]) for s, _ in done)
         typer.echo(f"{name:12}{first:15.0f}{last:15.0f}{last / first:12.2f}")
+    if model is not None:
+        end_to_end(model, steps, window)
 
 
 if __name__ == "__main__":

@@ -3,25 +3,27 @@
 mlx-lm's batch caches keep all rows at one length (left padding), so one row
 cannot roll back while the next goes on, which is what block diffusion and
 self-speculation do at every step. Here row b's tokens sit at positions
-``0 .. lengths[b] - 1`` of per-layer buffers [rows, ..., capacity, ...]: a
-forward writes each row's new tokens at its own length (one scatter a buffer),
-attends under a per-row mask, and rolling a row back is lowering its length.
-Positions are global and the keys carry their RoPE, so what is past a row's
-length is never read, only overwritten later.
+``0 .. lengths[b] - 1`` of per-layer KV buffers [rows, heads, capacity, dim]: a
+forward writes each row's new keys at its own length (one scatter, or a slice
+update when the rows are in step), attends under a per-row mask, and keeps any
+prefix of what it wrote (``commit``). Positions are global and the keys carry
+their RoPE, so what is past a row's length is never read, only overwritten.
+
+Canon state is as small as the convs need: each row keeps the last K-1 inputs
+of every canon site (its tail), taken at ``commit`` from the forward's own
+inputs, so decoding never reads back what it wrote. The inputs themselves are
+not stored (they were 10x the KV); instead each row keeps its tail at every
+``CHECKPOINT``-th position. Cutting a row to an arbitrary length (``cut``, how
+a prefix cache trims an entry) returns to the checkpoint at or before it; the
+caller replays the tokens from there (``PrefixCache.take`` does), an exact,
+short forward since the keys are all kept.
 
 Every update is functional (``put_along_axis``, ``slice_update``), never an
 in-place ``a[...] = b``: caches share arrays (a prefix-cache entry and the rows
 started from it), and MLX writes in place only into a buffer nobody else holds.
-
-Canon state: every canon input is written to a store (read only to rebuild a
-tail when a row is cut back to an arbitrary length), and each row keeps the
-last K-1 inputs as a small tail that the next forward reads. ``commit`` sets the
-rows' new lengths after a forward and takes their tails from that forward's own
-inputs, so decoding never reads a buffer in the graph that writes it (which
-would make MLX copy the buffer).
-
 The per-layer views implement the model's cache contract (``LayerCache`` in
-``optiq_dhara.cache``); ``forward`` runs the model over the rows.
+``optiq_dhara.cache``); ``RowCache`` in ``optiq_dhara.runtime.contracts`` is
+what the engine uses.
 """
 
 from typing import Optional, Sequence
@@ -29,6 +31,9 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 STEP = 256  # capacity grows in whole steps of positions
+CHECKPOINT = 256  # a row keeps its canon tail at every multiple of this position
+
+Tails = list[mx.array]  # one [K-1, width] array per layer
 
 
 def _round_up(n: int) -> int:
@@ -60,23 +65,15 @@ class SlotLayer:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         owner, i = self._owner, self._index
-        owner.keys[i] = owner._write_at(owner._buffer(owner.keys, i, keys, 2), keys, 2)
-        owner.values[i] = owner._write_at(owner._buffer(owner.values, i, values, 2), values, 2)
+        owner.keys[i] = owner._write_at(owner._buffer(owner.keys, i, keys), keys)
+        owner.values[i] = owner._write_at(owner._buffer(owner.values, i, values), values)
         used = owner._used
         return owner.keys[i][:, :, :used], owner.values[i][:, :, :used]
 
     def append_canon(self, history: mx.array, inputs: mx.array) -> mx.array:
-        owner, i = self._owner, self._index
-        owner._pending[i] = (history, inputs)
-        if inputs.shape[-1] == 0:
-            return inputs
-        store = owner._buffer(owner.canon, i, inputs, 1)
-        owner.canon[i] = owner._write_at(store, inputs, 1)
-        return owner.canon[i]
-
-
-# The buffers of a layer and the axis along which positions run.
-_POSITION_AXIS = {"keys": 2, "values": 2, "canon": 1}
+        """Keep the inputs until ``commit`` takes the rows' tails from them."""
+        self._owner._pending[self._index] = (history, inputs)
+        return inputs
 
 
 class SlotCache:
@@ -84,6 +81,7 @@ class SlotCache:
 
     ``lengths`` (host ints) say how many tokens of each row are held. A buffer is
     allocated on its first write, in the dtype of what the model writes.
+    ``checkpoints[b]`` maps positions of row b to its tails there.
     """
 
     def __init__(self, model, rows: int = 1):
@@ -94,38 +92,33 @@ class SlotCache:
         count = model.args.num_hidden_layers
         self.keys: list[Optional[mx.array]] = [None] * count
         self.values: list[Optional[mx.array]] = [None] * count
-        self.canon: list[Optional[mx.array]] = [None] * count
         self.tails: list[Optional[mx.array]] = [None] * count
+        self.checkpoints: list[dict[int, Tails]] = [{} for _ in range(rows)]
         self.layers = [SlotLayer(self, i) for i in range(count)]
         self._pending: list[Optional[tuple[mx.array, mx.array]]] = [None] * count
         self._offsets = mx.array(self.lengths)
         self._write: Optional[mx.array] = None
-        self._start: Optional[int] = (
-            None  # where every row writes, when they all write at one place
-        )
+        self._start: Optional[int] = None  # where every row writes, if all write at one place
         self._used = 0
 
     @property
     def rows(self) -> int:
         return len(self.lengths)
 
-    def _buffers(self):
-        return {"keys": self.keys, "values": self.values, "canon": self.canon}
-
     def state(self) -> list[mx.array]:
         """Every array of the cache (to evaluate it)."""
-        arrays = self.keys + self.values + self.canon + self.tails
+        arrays = self.keys + self.values + self.tails
+        arrays += [t for row in self.checkpoints for tails in row.values() for t in tails]
         return [a for a in arrays if a is not None]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.state())
 
-    def _buffer(self, arrays: list, i: int, like: mx.array, axis: int) -> mx.array:
-        """The buffer ``arrays[i]``, zeros shaped after ``like`` on its first use."""
+    def _buffer(self, arrays: list, i: int, like: mx.array) -> mx.array:
+        """The KV buffer ``arrays[i]``, zeros shaped after ``like`` on its first use."""
         if arrays[i] is None:
-            shape = list(like.shape)
-            shape[0], shape[axis] = self.rows, self.capacity
-            arrays[i] = mx.zeros(shape, like.dtype)
+            rows, heads, _, dim = like.shape
+            arrays[i] = mx.zeros((self.rows, heads, self.capacity, dim), like.dtype)
         return arrays[i]
 
     # -- forwards ------------------------------------------------------------
@@ -152,92 +145,97 @@ class SlotCache:
         seen = (keys // grid <= queries // grid) & (keys < ends)
         return mx.where(queries >= ends, keys <= queries, seen)
 
-    def _write_at(self, buffer: mx.array, update: mx.array, axis: int) -> mx.array:
-        """``buffer`` with each row's ``update`` written from the row's length on.
-
-        A slice update when every row starts at the same position (one row, or
-        rows in step), else one scatter.
-        """
+    def _write_at(self, buffer: mx.array, update: mx.array) -> mx.array:
+        """``buffer`` with each row's ``update`` [rows, heads, L, dim] written from
+        the row's length on: a slice update when the rows are in step, else a scatter."""
         if self._start is not None:
-            start = mx.array([self._start])
-            return mx.slice_update(buffer, update, start, axes=(axis,))
-        shape = [update.shape[0]] + [1] * (update.ndim - 1)
-        shape[axis] = update.shape[axis]
-        index = mx.broadcast_to(self._write.reshape(shape), update.shape)
-        return mx.put_along_axis(buffer, index, update, axis=axis)
+            return mx.slice_update(buffer, update, mx.array([self._start]), axes=(2,))
+        index = mx.broadcast_to(self._write[:, None, :, None], update.shape)
+        return mx.put_along_axis(buffer, index, update, axis=2)
 
     def commit(self, lengths: Sequence[int]) -> None:
         """After a forward: the rows hold ``lengths`` tokens (at least what they held
-        before it, at most that plus what it wrote); their tails follow."""
-        new = mx.array(list(lengths))
+        before it, at most that plus what it wrote); their tails follow, and the
+        tails at the checkpoints passed on the way are kept."""
+        old, new = self.lengths, list(lengths)
         if self.history_len and self._pending[0] is not None:
-            shifts = {n - old for n, old in zip(lengths, self.lengths)}
-            shift = shifts.pop() if len(shifts) == 1 else None
-            index = (new - self._offsets)[:, None, None] + mx.arange(self.history_len)[:, None]
-            for i, (history, inputs) in enumerate(self._pending):
-                both = mx.concatenate([history, inputs], axis=1)
-                if shift is not None:
-                    self.tails[i] = both[:, shift : shift + self.history_len]
-                else:
-                    self.tails[i] = mx.take_along_axis(both, index, axis=1)
+            joined = [mx.concatenate(pair, axis=1) for pair in self._pending]
+            shifts = {n - o for n, o in zip(new, old)}
+            if len(shifts) == 1:
+                shift = shifts.pop()
+                self.tails = [j[:, shift : shift + self.history_len] for j in joined]
+            else:
+                index = mx.array(new) - self._offsets
+                index = index[:, None, None] + mx.arange(self.history_len)[:, None]
+                self.tails = [mx.take_along_axis(j, index, axis=1) for j in joined]
+            self._checkpoint(joined, old, new)
         self._pending = [None] * len(self._pending)
-        self.lengths = list(lengths)
-        self._offsets = new
+        self.lengths = new
+        self._offsets = mx.array(new)
+
+    def _checkpoint(self, joined: list[mx.array], old: list[int], new: list[int]) -> None:
+        """Keep each row's tails at the multiples of CHECKPOINT in (old, new]."""
+        for b, (start, end) in enumerate(zip(old, new)):
+            first = start // CHECKPOINT * CHECKPOINT + CHECKPOINT
+            for position in range(first, end + 1, CHECKPOINT):
+                shift = position - start
+                tails = [j[b, shift : shift + self.history_len] * 1 for j in joined]
+                mx.async_eval(tails)  # a copy, so that the forward's inputs are freed
+                self.checkpoints[b][position] = tails
 
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
             return
         new = _round_up(needed)
-        for name, arrays in self._buffers().items():
-            axis = _POSITION_AXIS[name]
+        for arrays in (self.keys, self.values):
             for i, a in enumerate(arrays):
                 if a is not None:
-                    shape = list(a.shape)
-                    shape[axis] = new - self.capacity
-                    arrays[i] = mx.concatenate([a, mx.zeros(shape, a.dtype)], axis=axis)
+                    rows, heads, capacity, dim = a.shape
+                    grow = mx.zeros((rows, heads, new - capacity, dim), a.dtype)
+                    arrays[i] = mx.concatenate([a, grow], axis=2)
         self.capacity = new
 
     # -- rows joining, leaving, cut back --------------------------------------
 
     def add_rows(self, count: int) -> None:
         """``count`` empty rows at the end."""
-        for arrays in (self.keys, self.values, self.canon, self.tails):
+        for arrays in (self.keys, self.values, self.tails):
             for i, a in enumerate(arrays):
                 if a is not None:
                     arrays[i] = mx.concatenate([a, mx.zeros((count, *a.shape[1:]), a.dtype)])
         self.lengths = self.lengths + [0] * count
+        self.checkpoints = self.checkpoints + [{} for _ in range(count)]
         self._offsets = mx.array(self.lengths)
 
     def keep_rows(self, rows: Sequence[int]) -> None:
         """Keep only ``rows``, in that order (a copy of what is kept)."""
         index = mx.array(list(rows), mx.int32)
-        for arrays in (self.keys, self.values, self.canon, self.tails):
+        for arrays in (self.keys, self.values, self.tails):
             for i, a in enumerate(arrays):
                 if a is not None:
                     arrays[i] = a[index]
         self.lengths = [self.lengths[r] for r in rows]
+        self.checkpoints = [self.checkpoints[r] for r in rows]
         self._offsets = mx.array(self.lengths)
 
     def put_row(self, row: int, source: "SlotCache", source_row: int = 0) -> None:
         """Row ``row`` takes the state of ``source``'s row ``source_row`` (copied in)."""
         length = source.lengths[source_row]
         self._reserve(length)
-        take = slice(source_row, source_row + 1)
-        for name, theirs in source._buffers().items():
-            mine, axis = self._buffers()[name], _POSITION_AXIS[name]
+        for mine, theirs in ((self.keys, source.keys), (self.values, source.values)):
             for i, a in enumerate(theirs):
-                if a is None:
-                    continue
-                target = self._buffer(mine, i, a, axis)
-                span = (slice(None),) * (axis - 1) + (slice(0, length),)
-                start = mx.array([row, 0])
-                mine[i] = mx.slice_update(target, a[(take,) + span], start, axes=(0, axis))
+                if a is not None:
+                    target = self._buffer(mine, i, a)
+                    part = a[source_row : source_row + 1, :, :length]
+                    mine[i] = mx.slice_update(target, part, mx.array([row, 0]), axes=(0, 2))
         for i, tail in enumerate(source.tails):
             if tail is not None:
                 if self.tails[i] is None:
                     self.tails[i] = mx.zeros((self.rows, *tail.shape[1:]), tail.dtype)
-                self.tails[i] = mx.slice_update(self.tails[i], tail[take], mx.array([row]), (0,))
+                part = tail[source_row : source_row + 1]
+                self.tails[i] = mx.slice_update(self.tails[i], part, mx.array([row]), (0,))
         self.lengths[row] = length
+        self.checkpoints[row] = dict(source.checkpoints[source_row])
         self._offsets = mx.array(self.lengths)
 
     @classmethod
@@ -255,19 +253,18 @@ class SlotCache:
         length = self.lengths[row]
         out.lengths, out.capacity = [length], _round_up(length)
 
-        def copy(a: Optional[mx.array], axis: int) -> Optional[mx.array]:
+        def copy(a: Optional[mx.array]) -> Optional[mx.array]:
             if a is None:
                 return None
-            span = (slice(None),) * (axis - 1) + (slice(0, length),)
-            part = a[(slice(row, row + 1),) + span] * 1  # "* 1": a new buffer, exactly equal
-            shape = list(part.shape)
-            shape[axis] = out.capacity - length
-            return mx.concatenate([part, mx.zeros(shape, a.dtype)], axis=axis)
+            part = a[row : row + 1, :, :length] * 1  # "* 1": a new buffer, exactly equal
+            rows, heads, _, dim = part.shape
+            pad = mx.zeros((rows, heads, out.capacity - length, dim), a.dtype)
+            return mx.concatenate([part, pad], axis=2)
 
-        out.keys = [copy(a, 2) for a in self.keys]
-        out.values = [copy(a, 2) for a in self.values]
-        out.canon = [copy(a, 1) for a in self.canon]
+        out.keys = [copy(a) for a in self.keys]
+        out.values = [copy(a) for a in self.values]
         out.tails = [None if t is None else t[row : row + 1] * 1 for t in self.tails]
+        out.checkpoints = [dict(self.checkpoints[row])]
         out._offsets = mx.array(out.lengths)
         mx.eval(out.state())
         return out
@@ -277,22 +274,33 @@ class SlotCache:
         (the arrays are shared: MLX copies a buffer before writing into a shared one)."""
         out = SlotCache(self.model, self.rows)
         out.lengths, out.capacity = list(self.lengths), self.capacity
-        out.keys, out.values = list(self.keys), list(self.values)
-        out.canon, out.tails = list(self.canon), list(self.tails)
+        out.keys, out.values, out.tails = list(self.keys), list(self.values), list(self.tails)
+        out.checkpoints = [dict(c) for c in self.checkpoints]
         out._offsets = mx.array(out.lengths)
         return out
 
-    def cut(self, row: int, length: int) -> None:
-        """Roll row ``row`` back to its first ``length`` tokens (any depth)."""
+    def feed(self, tokens: Sequence[int], grid: int = 1) -> None:
+        """Append ``tokens`` to a one-row cache (causal, or under the block grid ``grid``)."""
+        if tokens:
+            mask = self.prepare(len(tokens), [len(tokens)], [grid])
+            self.model.model(mx.array([list(tokens)]), cache=self.layers, mask=mask)
+            self.commit([self.lengths[0] + len(tokens)])
+            mx.eval(self.state())
+
+    def cut(self, row: int, length: int) -> int:
+        """Roll row ``row`` back to the last checkpoint at or before ``length`` (0 at
+        the latest); the length it now holds. Replaying the tokens from there up to
+        ``length`` gives the row's exact state at ``length``."""
         if length >= self.lengths[row]:
-            return
-        self.lengths[row] = length
+            return self.lengths[row]
+        held = self.checkpoints[row]
+        position = max([p for p in held if p <= length], default=0)
+        self.checkpoints[row] = {p: t for p, t in held.items() if p <= position}
+        self.lengths[row] = position
         self._offsets = mx.array(self.lengths)
-        if self.history_len and self.canon[0] is not None:
-            positions = mx.arange(length - self.history_len, length)
-            chosen = mx.arange(self.rows)[:, None, None] == row
-            for i, store in enumerate(self.canon):
-                tail = store[row, mx.maximum(positions, 0)]
-                tail = mx.where((positions >= 0)[:, None], tail, 0)
-                self.tails[i] = mx.where(chosen, tail[None], self.tails[i])
-            mx.eval(self.tails)
+        chosen = mx.arange(self.rows)[:, None, None] == row
+        for i, tail in enumerate(self.tails):
+            if tail is not None:
+                at = held[position][i] if position else mx.zeros(tail.shape[1:], tail.dtype)
+                self.tails[i] = mx.where(chosen, at[None], tail)
+        return position

@@ -39,9 +39,11 @@ class PrefixCache:
     """The states of recent requests, least recently used dropped first.
 
     ``take`` hands a decoding row a copy of the best entry's state (trimmed to
-    the reusable prefix); entries are never changed by the rows that use them,
-    so several rows can start from one. ``keep`` stores a row's state when it
-    ends. At most ``max_bytes`` of state are held. Not thread-safe.
+    the reusable prefix: back to the canon checkpoint at or before it, then the
+    tokens from there replayed, at most ``CHECKPOINT - 1``); entries are never
+    changed by the rows that use them, so several rows can start from one.
+    ``keep`` stores a row's state when it ends. At most ``max_bytes`` of state
+    are held. Not thread-safe.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_BYTES):
@@ -84,23 +86,20 @@ class PrefixCache:
             return SlotCache(model)
         self._entries.move_to_end(id(best))
         cache = best.cache.clone()
-        cache.cut(0, keep)
+        held = cache.cut(0, keep)
+        cache.feed(best.tokens[held:keep], grid or 1)  # from the checkpoint to the cut
         return cache
 
     def keep(self, cache: SlotCache, seq: Sequence[int], grid: Optional[int]) -> None:
         """Hold ``cache`` (one row, whose first tokens are ``seq``'s) for later requests."""
-        length = min(cache.lengths[0], len(seq))
-        cache.cut(0, length)
+        length = cache.cut(0, len(seq))
         if length == 0:
             return
         tokens = list(seq[:length])
         model = cache.model
         for key, entry in list(self._entries.items()):  # an entry this one extends is redundant
-            if (
-                entry.model is model
-                and entry.grid == grid
-                and tokens[: len(entry.tokens)] == entry.tokens
-            ):
+            same_kind = entry.model is model and entry.grid == grid
+            if same_kind and tokens[: len(entry.tokens)] == entry.tokens:
                 del self._entries[key]
         entry = Entry(model, tokens, grid, cache, cache.nbytes())
         self._entries[id(entry)] = entry

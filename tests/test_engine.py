@@ -2,9 +2,11 @@
 
 import pytest
 
-from optiq_dhara.runtime import PrefixCache, generate_batch, generate_ids
+from optiq_dhara import slot_cache
+from optiq_dhara.runtime import PrefixCache, decode, generate_batch, generate_ids
 from optiq_dhara.runtime.decode import make_request
 from optiq_dhara.runtime.engine import Engine
+from optiq_dhara.slot_cache import SlotCache
 
 MODES = [
     ("ar", {}),
@@ -178,3 +180,33 @@ def test_a_prefix_cache_entry_is_never_changed_by_the_rows_using_it(
     follow_up = prompt + [9, 9]
     again = generate_ids(golden_model, follow_up, prefix_cache=cache, **kwargs)
     assert again == generate_ids(golden_model, follow_up, **kwargs)
+
+
+@pytest.mark.parametrize("mode, extra", MODES[:4])
+def test_prefix_reuse_cuts_back_to_a_canon_checkpoint_and_replays(
+    golden_model, monkeypatch, mode, extra
+):
+    """Entries keep canon tails only at checkpoints: a cut between two (or before the
+    first) replays the tokens from the one before, and decodes as fresh."""
+    monkeypatch.setattr(slot_cache, "CHECKPOINT", 8)
+    cache = PrefixCache()
+    prompt = list(range(20, 70))
+    kwargs = dict(mode=mode, max_tokens=12, **extra)
+    generate_ids(golden_model, prompt, prefix_cache=cache, **kwargs)
+    grid = extra.get("block_len") if mode == "diffusion" else None
+    for cut in (45, 33, 16, 8, 3):
+        follow_up = prompt[:cut] + [7, 7, 7]
+        steps = list(decode(golden_model, follow_up, prefix_cache=cache, **kwargs))
+        reused = [t for step in steps for t in step.tokens]
+        assert reused == generate_ids(golden_model, follow_up, **kwargs), cut
+        assert steps[-1].stats.reused_tokens == (cut // grid * grid if grid else cut)
+
+
+def test_canon_state_stays_small_next_to_the_kv(golden_model):
+    """No canon input is stored: beyond the KV, a row holds its tail and a tail per
+    CHECKPOINT positions."""
+    cache = SlotCache(golden_model)
+    cache.feed(list(range(1, 300)) * 3)
+    kv = sum(a.nbytes for a in cache.keys + cache.values)
+    assert cache.lengths == [897] and sorted(cache.checkpoints[0]) == [256, 512, 768]
+    assert cache.nbytes() - kv <= 0.25 * kv
