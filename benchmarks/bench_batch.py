@@ -4,13 +4,18 @@ Every mode runs ``concurrency`` requests at once through ``generate_batch`` (the
 engine the server drives) and reports generated tokens over wall time, prefill
 included, and the ratio to the same mode at batch 1. The AR anchor is mlx-lm's
 ``BatchGenerator`` on its llama of the same widths and depth (random weights),
-run on the same prompts in the same process.
+run on the same prompts in the same process. With ``--repeats R`` the runs take
+turns R times and each keeps its fastest (for a shared, noisy machine).
+``--bare`` also times one decode forward alone (no sampling, no engine) of
+dhara on the engine's cache and of llama on its own, in lockstep, graph build
+and evaluation apart: what the model itself costs at each batch size.
 
     python benchmarks/bench_batch.py --model tests/fixtures/dhara_tiny_trained
     python benchmarks/bench_batch.py --shape 250m --layers 8
 """
 
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -70,6 +75,45 @@ def timed_llama(twin, prompts, max_tokens: int) -> tuple[int, float]:
     return generated, time.perf_counter() - start
 
 
+def bare_step(model, twin, rows: int, context: int, steps: int = 20) -> dict:
+    """Median ms to build and to evaluate one batched decode forward, dhara vs llama."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from optiq_dhara.runtime.engine import run_rows
+    from optiq_dhara.slot_cache import SlotCache
+
+    cache = SlotCache(model, rows)
+    run_rows(model, cache, mx.array([[3] * context] * rows), [context] * rows, [1] * rows)
+    cache.commit([context] * rows)
+    llama_cache = make_prompt_cache(twin)
+    twin(mx.array([[3] * context] * rows), cache=llama_cache)
+    mx.eval(cache.state(), [c.state for c in llama_cache])
+    tokens = mx.array([[5]] * rows)
+
+    def dhara_forward():
+        hidden = run_rows(model, cache, tokens, [1] * rows, [1] * rows)
+        cache.commit([n + 1 for n in cache.lengths])
+        return model.head(hidden[:, -1])
+
+    times = {name: ([], []) for name in ("dhara", "llama")}
+    for _ in range(steps):
+        for name, forward in (
+            ("dhara", dhara_forward),
+            ("llama", lambda: twin(tokens, cache=llama_cache)[:, -1]),
+        ):
+            start = time.perf_counter()
+            logits = forward()
+            built = time.perf_counter()
+            mx.eval(logits)
+            times[name][0].append(built - start)
+            times[name][1].append(time.perf_counter() - built)
+    return {
+        f"{name}_{part}_ms": statistics.median(xs[i]) * 1000
+        for name, xs in times.items()
+        for i, part in enumerate(("build", "eval"))
+    }
+
+
 def main(
     model_path: Optional[Path] = typer.Option(None, "--model", help="A dhara checkpoint."),
     shape: str = typer.Option("250m", help="Without --model: a random dhara of this shape."),
@@ -80,6 +124,9 @@ def main(
     block_len: int = typer.Option(32),
     threshold: float = typer.Option(0.5),
     k: int = typer.Option(8),
+    repeats: int = typer.Option(1, help="Runs of each, taking turns; the fastest is kept."),
+    bare: bool = typer.Option(False, help="Also time a bare decode forward, dhara vs llama."),
+    throughput: bool = typer.Option(True, help="Time the engine and BatchGenerator runs."),
     output: Optional[Path] = typer.Option(None, help="Also write the rows as JSON here."),
 ) -> None:
     if model_path is not None:
@@ -105,14 +152,22 @@ def main(
     for mode in MODES:
         timed_engine(model, warm, mode, 4, **options)
     timed_llama(twin, warm, 4)
-    for count in counts:
+    for count in counts if throughput else []:
         prompts = [
             make_prompt(model, prompt_len, seed, text_ids[seed:] if text_ids else None)
             for seed in range(count)
         ]
-        llama_tokens, llama_seconds = timed_llama(twin, prompts, max_tokens)
+        best: dict[str, tuple[int, float]] = {}
+        for _ in range(repeats):
+            runs = {"llama": timed_llama(twin, prompts, max_tokens)}
+            for mode in MODES:
+                runs[mode] = timed_engine(model, prompts, mode, max_tokens, **options)
+            for run, (tokens, seconds) in runs.items():
+                if run not in best or seconds < best[run][1]:
+                    best[run] = (tokens, seconds)
+        llama_tokens, llama_seconds = best["llama"]
         for mode in MODES:
-            tokens, seconds = timed_engine(model, prompts, mode, max_tokens, **options)
+            tokens, seconds = best[mode]
             rows.append(
                 dict(
                     model=name,
@@ -127,8 +182,9 @@ def main(
             print(json.dumps(rows[-1]), flush=True)
     base = {r["mode"]: r["tokens_per_second"] for r in rows if r["concurrency"] == counts[0]}
     print(f"\n{name}; prompt {prompt_len}, {max_tokens} tokens each")
-    print("| mode | requests | tok/s | vs first | llama BatchGenerator tok/s | dhara / llama |")
-    print("|---|---:|---:|---:|---:|---:|")
+    if rows:
+        print("| mode | requests | tok/s | vs first | llama BatchGenerator tok/s | dhara / llama |")
+        print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = r["tokens_per_second"] / r["llama_tokens_per_second"]
         print(
@@ -136,6 +192,18 @@ def main(
             f"{r['tokens_per_second'] / base[r['mode']]:.2f}x | "
             f"{r['llama_tokens_per_second']:.1f} | {ratio:.2f} |"
         )
+    if bare:
+        print(
+            "\n| requests | dhara build ms | dhara eval ms | llama build ms | llama eval ms | eval dhara / llama |"
+        )
+        print("|---:|---:|---:|---:|---:|---:|")
+        for count in counts:
+            t = bare_step(model, twin, count, prompt_len)
+            ratio = t["dhara_eval_ms"] / t["llama_eval_ms"]
+            print(
+                f"| {count} | {t['dhara_build_ms']:.2f} | {t['dhara_eval_ms']:.2f} | "
+                f"{t['llama_build_ms']:.2f} | {t['llama_eval_ms']:.2f} | {ratio:.2f} |"
+            )
     if output:
         output.write_text(json.dumps(rows, indent=1))
 

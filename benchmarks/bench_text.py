@@ -81,23 +81,28 @@ def step_seconds(make: Callable, tokenizer, ids: list[int]) -> tuple[list[float]
     return seconds, text
 
 
-def end_to_end(model_path: Path, steps: int, window: int) -> None:
-    """Tokens/s of the first and the last ``window`` tokens of one long streamed reply."""
+def end_to_end(model_path: Path, steps: int, window: int, rounds: int) -> None:
+    """Tokens/s of the first and the last ``window`` tokens of a long streamed reply
+    (after a warm-up run; the median over ``rounds`` replies)."""
     import mlx_lm
 
     model, tokenizer = mlx_lm.load(str(model_path))
-    stamps: list[tuple[float, int]] = []
-    start = time.perf_counter()
-    for chunk in stream_text(model, tokenizer, "def main():", chat=False, max_tokens=steps):
-        stamps.append((time.perf_counter() - start, len(chunk.tokens)))
-    times = [t for t, count in stamps for _ in range(count)]
-    if len(times) < 2 * window:
-        raise SystemExit(f"the reply ended after {len(times)} tokens; use another model")
-    first = window / (times[window] - times[0])
-    last = window / (times[-1] - times[-window - 1])
+
+    def token_times() -> list[float]:
+        times, start = [], time.perf_counter()
+        for chunk in stream_text(model, tokenizer, "def main():", chat=False, max_tokens=steps):
+            times += [time.perf_counter() - start] * len(chunk.tokens)
+        return times
+
+    token_times()
+    runs = [token_times() for _ in range(rounds)]
+    if min(len(t) for t in runs) < 2 * window + 1:
+        raise SystemExit("a reply ended before 2 x window tokens; use another model")
+    first = statistics.median(window / (t[window] - t[0]) for t in runs)
+    last = statistics.median(window / (t[-1] - t[-window - 1]) for t in runs)
     typer.echo(
-        f"{model_path.name}: {len(times)} streamed tokens; first {window}: {first:.0f} tok/s, "
-        f"last {window}: {last:.0f} tok/s, last/first {last / first:.2f}"
+        f"{model_path.name}: {len(runs[0])} streamed tokens, median of {rounds}; first {window}: "
+        f"{first:.0f} tok/s, last {window}: {last:.0f} tok/s, last/first {last / first:.2f}"
     )
 
 
@@ -127,7 +132,7 @@ def main(
         last = statistics.median(window / sum(s[-window:]) for s, _ in done)
         typer.echo(f"{name:12}{first:15.0f}{last:15.0f}{last / first:12.2f}")
     if model is not None:
-        end_to_end(model, steps, window)
+        end_to_end(model, steps, window, rounds)
 
 
 if __name__ == "__main__":
