@@ -40,18 +40,25 @@ def bench(
     prompt_lens: Annotated[
         list[int], typer.Option("--prompt-len", min=1, help="Prompt length (repeatable).")
     ] = [16, 512],
-    modes: Annotated[list[Mode], typer.Option("--mode", help="Mode to time (repeatable).")] = [
-        Mode.ar,
-        Mode.diffusion,
-        Mode.spec,
-    ],
+    modes: Annotated[
+        Optional[list[Mode]],
+        typer.Option(
+            "--mode",
+            help="Mode to time (repeatable; default: every mode the model has, "
+            "ar alone for an AR-only model without a MASK token).",
+        ),
+    ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per run.")] = 16,
     block_len: BlockLen = 32,
     threshold: Threshold = 0.5,
     k: SpecK = 8,
     reference: Annotated[
-        bool, typer.Option(help="Also time the uncached diffusion reference at the longest prompt.")
-    ] = True,
+        Optional[bool],
+        typer.Option(
+            help="Also time the uncached diffusion reference at the longest prompt "
+            "(default: when the model has diffusion)."
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random weights and prompts.")] = 0,
     repeats: Annotated[
         int, typer.Option(min=1, help="Runs per mode and length, taking turns; the fastest counts.")
@@ -87,24 +94,28 @@ def bench(
         name = Path(model).name
         if prompt_file is not None:
             text_ids = tokenizer.encode(prompt_file.read_text())
-    rows, ref = runtime_bench.run_bench(
-        loaded,
-        name,
-        prompt_lengths=prompt_lens,
-        modes=[m.value for m in modes],
-        max_tokens=max_tokens,
-        block_len=block_len,
-        threshold=threshold,
-        k=k,
-        reference=reference,
-        seed=seed,
-        text_ids=text_ids,
-        repeats=repeats,
-        progress=lambda row: typer.echo(
-            f"{row.mode:>9} prompt {row.prompt_tokens:>5}: {row.tokens_per_second:.2f} tok/s",
-            err=True,
-        ),
-    )
+    has = loaded.args.modes
+    try:
+        rows, ref = runtime_bench.run_bench(
+            loaded,
+            name,
+            prompt_lengths=prompt_lens,
+            modes=[m.value for m in modes] if modes else has,
+            max_tokens=max_tokens,
+            block_len=block_len,
+            threshold=threshold,
+            k=k,
+            reference="diffusion" in has if reference is None else reference,
+            seed=seed,
+            text_ids=text_ids,
+            repeats=repeats,
+            progress=lambda row: typer.echo(
+                f"{row.mode:>9} prompt {row.prompt_tokens:>5}: {row.tokens_per_second:.2f} tok/s",
+                err=True,
+            ),
+        )
+    except ValueError as exc:  # a mode the model lacks, refused before any run
+        raise typer.BadParameter(str(exc)) from exc
     typer.echo(runtime_bench.format_results(rows, ref))
     if json_path is not None:
         _write_json(json_path, runtime_bench.as_dicts(rows, ref))

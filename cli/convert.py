@@ -106,16 +106,26 @@ def convert_command(
 
 def summary(report: dict, path: Path) -> str:
     """A few lines a user reads after converting."""
+    modes = report.get("modes", ["ar", "diffusion", "spec"])
+    what = f"modes {', '.join(modes)}"
+    if "diffusion" not in modes:
+        what += " (AR-only: no MASK token)"
     if not report.get("layers"):
-        return f"wrote {path} ({report['dtype']}, {report['size_mb']:.1f} MB)"
+        return f"wrote {path} ({report['dtype']}, {report['size_mb']:.1f} MB; {what})"
     per_bits = ", ".join(f"{n} at {b} bits" for b, n in sorted(report["modules_per_bits"].items()))
     lines = [
         f"wrote {path}: {report['achieved_bpw']:.3f} bpw (target {report['target_bpw']}), "
-        f"{report['size_mb']:.1f} MB; {per_bits}",
+        f"{report['size_mb']:.1f} MB; {per_bits}; {what}",
         f"sensitivities: {report['sensitivity']['method']}, "
         f"{report['sensitivity']['forwards_per_sample']:.1f} forwards per calibration sample",
-        "held-out     mean KL (AR / diffusion)   top-1 (AR)   self-spec accepted/round",
     ]
+    if "diffusion" not in modes:
+        lines.append("held-out     mean KL (AR)   top-1 (AR)")
+        for name in ("mix", "uniform_4", "uniform_8"):
+            r = report["held_out"][name]["ar"]
+            lines.append(f"  {name:10} {r['mean_kl']:.5f}        {r['top1_agreement']:.3f}")
+        return "\n".join(lines)
+    lines.append("held-out     mean KL (AR / diffusion)   top-1 (AR)   self-spec accepted/round")
     for name in ("mix", "uniform_4", "uniform_8"):
         r = report["held_out"][name]
         lines.append(

@@ -25,7 +25,8 @@ def eval_command(
     mode: Annotated[
         EvalMode,
         typer.Option(
-            help="Scoring: ar (causal) or diffusion (the answer masked, block-causal forward)."
+            help="Scoring: ar (causal) or diffusion (the answer masked, block-causal forward; "
+            "needs the model's MASK token, which an AR-only model lacks)."
         ),
     ] = EvalMode.ar,
     num_shots: Annotated[Optional[int], typer.Option(min=0, help="Few-shot examples.")] = None,
@@ -52,7 +53,10 @@ def eval_command(
     ] = None,
     perplexity: Annotated[
         Optional[Path],
-        typer.Option(help="Text file: perplexity in AR and diffusion forwards."),
+        typer.Option(
+            help="Text file: perplexity in AR and diffusion forwards (AR alone for an "
+            "AR-only model)."
+        ),
     ] = None,
     reference: Annotated[
         Optional[str],
@@ -85,16 +89,19 @@ def eval_command(
     results: dict = {}
     if task_list:
         harness = _harness()
-        lm = harness.DharaLM(
-            lm_model,
-            tokenizer,
-            name=model,
-            mode=mode.value,
-            batch_size=batch_size,
-            block_len=block_len,
-            threshold=threshold,
-            max_length=max_length,
-        )
+        try:
+            lm = harness.DharaLM(
+                lm_model,
+                tokenizer,
+                name=model,
+                mode=mode.value,
+                batch_size=batch_size,
+                block_len=block_len,
+                threshold=threshold,
+                max_length=max_length,
+            )
+        except ValueError as exc:  # diffusion scoring of a model without a MASK token
+            raise typer.BadParameter(str(exc), param_hint="--mode") from exc
         try:
             results = harness.run_tasks(
                 lm,

@@ -19,10 +19,11 @@ ModelPath = Annotated[
     str, typer.Option("--model", "-m", help="Model directory (or Hugging Face repo id).")
 ]
 ModeOption = Annotated[
-    Mode,
+    Optional[Mode],
     typer.Option(
         help="Decoding: ar (one token per forward), diffusion (block diffusion), "
-        "spec (diffusion drafts, AR verifies: AR's output, faster)."
+        "spec (diffusion drafts, AR verifies: AR's output, faster). Diffusion and spec "
+        "need the model's MASK token; default: spec, or ar for an AR-only model (no MASK)."
     ),
 ]
 MaxTokens = Annotated[int, typer.Option(min=1, help="Most tokens to generate.")]
@@ -68,6 +69,28 @@ def load_model(path: str):
         ) from exc
 
 
+def describe_modes(model) -> str:
+    """Which decoding modes the loaded model has, and why when some are missing."""
+    modes = ", ".join(model.args.modes)
+    if model.args.mask_token_id is not None:
+        return f"modes {modes}"
+    return f"modes {modes}: an AR-only checkpoint, without the MASK token diffusion and spec need"
+
+
+def pick_mode(mode: Optional[Mode], model) -> str:
+    """The mode to decode in: the one asked for, if the model has it, else the model's
+    default; a usage error naming the missing MASK token otherwise."""
+    from optiq_dhara.runtime.settings import default_mode, require_mode
+
+    if mode is None:
+        return default_mode(model.args)
+    try:
+        require_mode(model.args, mode.value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--mode") from exc
+    return mode.value
+
+
 def format_stats(stats) -> str:
     """One line a user of an inference engine wants: speed, forwards, acceptance."""
     first = stats.time_to_first_token
@@ -96,7 +119,7 @@ def _print_reply(chunks) -> None:
 
 
 def _decoding(
-    mode: Mode,
+    mode: str,
     max_tokens: int,
     temp: float,
     top_p: float,
@@ -110,7 +133,7 @@ def _decoding(
 ) -> dict:
     """The runtime's decoding keywords from the shared command options."""
     return dict(
-        mode=mode.value,
+        mode=mode,
         max_tokens=max_tokens,
         temperature=temp,
         top_p=top_p,
@@ -128,7 +151,7 @@ def _decoding(
 def generate(
     model: ModelPath,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")],
-    mode: ModeOption = Mode.spec,
+    mode: ModeOption = None,
     chat: Annotated[
         bool, typer.Option(help="Wrap the prompt as a user message in the chat template.")
     ] = False,
@@ -151,6 +174,9 @@ def generate(
     from optiq_dhara.runtime import stream_text
 
     loaded, tokenizer = load_model(model)
+    mode = pick_mode(mode, loaded)
+    if loaded.args.mask_token_id is None:  # say why the default is ar
+        typer.echo(f"{model}: {describe_modes(loaded)}", err=True)
     source = prompt
     if chat:
         source = [{"role": "system", "content": system}] if system else []
@@ -181,7 +207,7 @@ def generate(
 @app.command()
 def chat(
     model: ModelPath,
-    mode: ModeOption = Mode.spec,
+    mode: ModeOption = None,
     system: System = None,
     max_tokens: MaxTokens = 512,
     temp: Temperature = 0.7,
@@ -203,6 +229,7 @@ def chat(
     from optiq_dhara.serve.console import HELP, ChatSession
 
     loaded, tokenizer = load_model(model)
+    mode = pick_mode(mode, loaded)
     session = ChatSession(
         loaded,
         tokenizer,
@@ -221,7 +248,7 @@ def chat(
             k,
         ),
     )
-    typer.echo(f"chatting with {model} in {session.mode} mode; {HELP}")
+    typer.echo(f"chatting with {model} in {session.mode} mode ({describe_modes(loaded)}); {HELP}")
     while True:
         try:
             line = input("> ").strip()

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .generate import MaxTokens, Mode, ModelPath, ModeOption, load_model
+from .generate import MaxTokens, ModelPath, ModeOption, load_model
 
 
 @app.command()
@@ -20,7 +20,7 @@ def serve(
             help="Require 'Authorization: Bearer KEY' on /v1 requests (default: open).",
         ),
     ] = None,
-    mode: ModeOption = Mode.spec,
+    mode: ModeOption = None,
     max_tokens: MaxTokens = 512,
     max_context: Annotated[
         Optional[int],
@@ -63,20 +63,25 @@ def serve(
     A request may set mode, block_len, threshold and k besides the OpenAI
     sampling fields; --mode and --max-tokens are the defaults when it does not.
     Requests are decoded together, --max-batch at a time, in a continuous batch.
+    A startup line and GET /v1/models say which modes the model has (an AR-only
+    checkpoint, without a MASK token, has ar alone).
     """
     from optiq_dhara.serve.app import run_server
 
-    run_server(
-        lambda: load_model(model),
-        model_id=model,
-        host=host,
-        port=port,
-        mode=mode.value,
-        api_key=api_key,
-        max_tokens=max_tokens,
-        max_context=max_context,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        prompt_cache_bytes=prompt_cache_bytes if prefix_cache else 0,
-        log_level=log_level,
-    )
+    try:
+        run_server(
+            lambda: load_model(model),
+            model_id=model,
+            host=host,
+            port=port,
+            mode=mode.value if mode else None,
+            api_key=api_key,
+            max_tokens=max_tokens,
+            max_context=max_context,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            prompt_cache_bytes=prompt_cache_bytes if prefix_cache else 0,
+            log_level=log_level,
+        )
+    except ValueError as exc:  # a --mode the model lacks (run_server checks before serving)
+        raise typer.BadParameter(str(exc), param_hint="--mode") from exc

@@ -10,7 +10,12 @@ import typer
 from . import app
 
 DiffusionWeight = Annotated[
-    float, typer.Option(min=0.0, help="Weight of the block-diffusion term of the joint loss.")
+    float,
+    typer.Option(
+        min=0.0,
+        help="Weight of the block-diffusion term of the joint loss (needs the model's MASK "
+        "token; 0 trains AR only, as an AR-only model must).",
+    ),
 ]
 BlockLen = Annotated[int, typer.Option(min=1, help="Block length of the diffusion term.")]
 BlockContext = Annotated[
@@ -60,7 +65,10 @@ def lora(
     ],
     objective: Annotated[
         Objective,
-        typer.Option(help="joint: AR + block diffusion (keeps all modes); ar: next-token only."),
+        typer.Option(
+            help="joint: AR + block diffusion (keeps all modes; needs the model's MASK token); "
+            "ar: next-token only (an AR-only model's objective)."
+        ),
     ] = Objective.joint,
     rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 8,
     scale: Annotated[float, typer.Option(help="LoRA scale (mlx-lm's).")] = 20.0,

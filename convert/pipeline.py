@@ -6,6 +6,8 @@ calibration text, gives each module the candidate bits that save the most KL per
 stored bit within the budget, writes the model with one quantization entry per
 module in config.json, checks the written files carry that plan, and scores the
 mix and uniform 4- and 8-bit models on held-out text (``quantization_report.json``).
+A checkpoint without a MASK token (AR-only) converts the same way, measured and
+scored in AR mode alone; the report's ``modes`` says which modes the model has.
 """
 
 import copy
@@ -123,6 +125,7 @@ def convert(
             "quantized": False,
             "dtype": config["torch_dtype"],
             "size_mb": stored_bytes(dst) / 1e6,
+            "modes": list(model.args.modes),
         }
 
     modules = quantizable_modules(model)
@@ -183,6 +186,7 @@ def convert(
         seconds["total"] = time.perf_counter() - started
         report = {
             "source": hf_path,
+            "modes": list(model.args.modes),  # AR-only (no MASK token): sensitivities in AR
             "quantized": True,
             "target_bpw": target_bpw,
             "achieved_bpw": achieved,

@@ -3,6 +3,7 @@
 Each variant is scored with ``optiq_dhara.metrics.compare`` in AR and diffusion
 mode, and by self-speculation: greedy ``decode(mode="spec", k=8)`` from the
 start of each held-out sequence, counting the draft tokens accepted per round.
+A model without a MASK token (AR-only) is scored in AR mode alone.
 All variants run in float32 arithmetic on their stored values
 (``quantize.apply.as_float32``), so the numbers measure the weights, not the
 CPU's half-precision kernels.
@@ -14,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from tqdm import tqdm
 
-from optiq_dhara.metrics import MODES, compare
+from optiq_dhara.metrics import compare, scoring_modes
 from optiq_dhara.runtime import decode
 
 
@@ -48,19 +49,24 @@ def evaluate_variants(
     """``{variant: {"ar": ..., "diffusion": ..., "self_spec": ...}}``; "float" is the reference.
 
     Each variant is built when its turn comes (and dropped after), so only one
-    is in memory beside the reference.
+    is in memory beside the reference. A model without a MASK token has "ar" alone.
     """
+    modes = scoring_modes(reference.args)
+    spec = "spec" in reference.args.modes
     prompts = held_out[:, : min(prompt_len, held_out.shape[1])]
-    results = {"float": {"self_spec": spec_acceptance(reference, prompts, max_tokens=spec_tokens)}}
+    results: dict = {"float": {}}
+    if spec:
+        results["float"]["self_spec"] = spec_acceptance(reference, prompts, max_tokens=spec_tokens)
     for name, build in tqdm(variants.items(), desc="Held-out evaluation", leave=False):
         model = build()
         results[name] = {
             mode: compare(
                 model, reference, held_out, mode, block_len=block_len, seed=seed
             ).as_dict()
-            for mode in MODES
+            for mode in modes
         }
-        results[name]["self_spec"] = spec_acceptance(model, prompts, max_tokens=spec_tokens)
-        for mode in MODES:
+        if spec:
+            results[name]["self_spec"] = spec_acceptance(model, prompts, max_tokens=spec_tokens)
+        for mode in modes:
             results["float"][mode] = {"perplexity": results[name][mode]["reference_perplexity"]}
     return results

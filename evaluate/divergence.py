@@ -2,7 +2,7 @@
 
 The measurement itself is ``optiq_dhara.metrics.compare`` (the quantizer's report
 uses the same function); this module only turns a text file into token rows and
-runs it in AR and in diffusion mode.
+runs it in AR and in diffusion mode (AR alone for a model without a MASK token).
 """
 
 from pathlib import Path
@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from optiq_dhara.metrics import MODES, compare
+from optiq_dhara.metrics import compare, scoring_modes
 
 
 def text_rows(tokenizer, path: Path, seq_len: int) -> mx.array:
@@ -36,21 +36,26 @@ def divergence(
     reference,
     tokens: mx.array,
     *,
-    modes: Sequence[str] = MODES,
+    modes: Optional[Sequence[str]] = None,
     block_len: int = 32,
     batch_size: int = 4,
     seed: int = 0,
 ) -> dict:
     """``metrics.compare`` in each mode: ``{mode: {mean_kl, top1_agreement, ...}}``.
 
-    With ``reference`` None the model is its own reference: KL 0, agreement 1,
-    and the perplexity is the model's own.
+    ``modes`` defaults to those the model has (``metrics.scoring_modes``: ar,
+    and diffusion with a MASK token); diffusion asked of a model without one is
+    refused before any forward. With ``reference`` None the model is its own
+    reference: KL 0, agreement 1, and the perplexity is the model's own.
     """
     if reference is not None and reference.args.vocab_size != model.args.vocab_size:
         raise ValueError(
             f"--reference has vocab_size {reference.args.vocab_size} but the model has "
             f"{model.args.vocab_size}; compare a model with its own float or base model."
         )
+    modes = list(modes or scoring_modes(model.args))
+    if "diffusion" in modes:
+        model.args.require_mask("diffusion scoring")
     results = {}
     for mode in modes:
         agreement = compare(
@@ -87,7 +92,7 @@ def text_divergence(
         model,
         reference,
         tokens,
-        modes=modes or MODES,
+        modes=modes,
         block_len=block_len,
         batch_size=batch_size,
         seed=seed,

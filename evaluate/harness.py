@@ -52,6 +52,8 @@ class DharaLM(TemplateLM):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+        if mode == "diffusion":  # refused before any task is built
+            model.args.require_mask("diffusion scoring (eval --mode diffusion)")
         self.model = model
         self.tokenizer = tokenizer
         self.mode = mode

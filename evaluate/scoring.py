@@ -179,7 +179,7 @@ def loglikelihoods(
         rows = causal_rows(pairs, max_length)
         scores = score_rows(model, rows, batch_size=batch_size, progress=progress)
     elif mode == "diffusion":
-        mask_id = model.args.mask_token_id
+        mask_id = model.args.require_mask("diffusion scoring (eval --mode diffusion)")
         rows = diffusion_rows(pairs, max_length, block_len, mask_id)
         scores = score_rows(
             model,

@@ -9,7 +9,8 @@ dhara predicts in two ways, and both are scored:
 
 The MASK id is never a prediction in either mode (decoding removes it), so its
 logit is dropped before the softmax. KL is KL(reference || model), averaged
-over the scored positions.
+over the scored positions. A model without a MASK token (AR-only) is scored in
+``"ar"`` alone (``scoring_modes``).
 """
 
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ from .masks import block_causal_mask
 
 Mode = Literal["ar", "diffusion"]
 MODES: tuple[Mode, ...] = ("ar", "diffusion")
+
+
+def scoring_modes(args) -> tuple[Mode, ...]:
+    """The modes a model (its ``args``) is scored in: diffusion needs its MASK token."""
+    return tuple(mode for mode in MODES if mode in args.modes)
 
 
 @dataclass(frozen=True)
@@ -42,10 +48,11 @@ class Scoring:
         return self.positions.size
 
 
-def ar_scoring(tokens: mx.array, mask_token_id: int) -> Scoring:
-    """Causal forward over ``tokens`` [B, L]; every position but the last is scored."""
+def ar_scoring(tokens: mx.array, mask_token_id: Optional[int]) -> Scoring:
+    """Causal forward over ``tokens`` [B, L]; every position but the last (and any
+    that predicts MASK) is scored."""
     targets = np.array(tokens[:, 1:])
-    rows, cols = np.nonzero(targets != mask_token_id)
+    rows, cols = np.nonzero(targets != (-1 if mask_token_id is None else mask_token_id))
     return Scoring(
         inputs=tokens,
         mask=None,
@@ -84,21 +91,23 @@ def diffusion_scoring(
 
 
 def make_scoring(
-    tokens: mx.array, mode: Mode, mask_token_id: int, block_len: int = 32, seed: int = 0
+    tokens: mx.array, mode: Mode, mask_token_id: Optional[int], block_len: int = 32, seed: int = 0
 ) -> Scoring:
-    """The scoring of ``mode`` for ``tokens`` [B, L]."""
+    """The scoring of ``mode`` for ``tokens`` [B, L] (diffusion needs a MASK id)."""
     if mode == "ar":
         return ar_scoring(tokens, mask_token_id)
     if mode == "diffusion":
+        if mask_token_id is None:
+            raise ValueError("diffusion scoring needs the MASK token; the model has none.")
         return diffusion_scoring(tokens, mask_token_id, block_len, seed)
     raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
 
 
-def scored_log_probs(logits: mx.array, scoring: Scoring, mask_token_id: int) -> mx.array:
-    """Float32 log-probabilities [N, V] at the scored positions, MASK removed."""
+def scored_log_probs(logits: mx.array, scoring: Scoring, mask_token_id: Optional[int]) -> mx.array:
+    """Float32 log-probabilities [N, V] at the scored positions, MASK removed (if any)."""
     flat = logits.reshape(-1, logits.shape[-1])[scoring.positions].astype(mx.float32)
-    no_mask = mx.where(mx.arange(flat.shape[-1]) == mask_token_id, -mx.inf, 0.0)
-    flat = flat + no_mask
+    if mask_token_id is not None:
+        flat = flat + mx.where(mx.arange(flat.shape[-1]) == mask_token_id, -mx.inf, 0.0)
     return flat - mx.logsumexp(flat, axis=-1, keepdims=True)
 
 
@@ -143,12 +152,16 @@ def compare(
     """Score ``model`` against ``reference`` on ``tokens`` [B, L] in ``mode``.
 
     Both are called as ``m(inputs, mask=mask)`` and return logits [B, L, V].
-    ``mask_token_id`` defaults to ``reference.args.mask_token_id``.
+    ``mask_token_id`` defaults to ``reference.args.mask_token_id``; diffusion
+    scoring of a reference without one is refused before any forward.
     """
     if tokens.ndim != 2 or tokens.shape[1] < 2:
         raise ValueError(f"tokens must be [batch, length >= 2], got shape {tokens.shape}")
     if mask_token_id is None:
-        mask_token_id = reference.args.mask_token_id
+        if mode == "diffusion":
+            mask_token_id = reference.args.require_mask("diffusion scoring")
+        else:
+            mask_token_id = reference.args.mask_token_id
     totals = np.zeros(4)
     count = 0
     for start in range(0, tokens.shape[0], batch_size):

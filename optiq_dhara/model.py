@@ -21,6 +21,7 @@ from .checkpoint import MODEL_TYPE, check_weights
 from .rope import rope_parameters
 
 CANON_SITES = "ABCD"
+MODES = ("ar", "diffusion", "spec")  # the decoding modes; all but "ar" need the MASK token
 
 
 @dataclass
@@ -33,7 +34,7 @@ class ModelArgs(BaseModelArgs):
     num_key_value_heads: Optional[int] = 4
     head_dim: Optional[int] = None
     vocab_size: int = 49155
-    mask_token_id: int = 49152
+    mask_token_id: Optional[int] = 49152  # None (or an id outside the vocabulary): AR-only
     rms_norm_eps: float = 1e-6
     rope_theta: float = 8_000_000.0
     rope_scaling: Optional[dict] = None
@@ -71,11 +72,38 @@ class ModelArgs(BaseModelArgs):
             )
         if self.canon_kernel < 1:
             raise ValueError(f"config.json: canon_kernel must be >= 1, got {self.canon_kernel}.")
-        if not 0 <= self.mask_token_id < self.vocab_size:
+        if self.mask_token_id is not None and self.mask_token_id < 0:
             raise ValueError(
-                f"config.json: mask_token_id {self.mask_token_id} is outside the "
-                f"vocabulary (vocab_size {self.vocab_size})."
+                f"config.json: mask_token_id {self.mask_token_id} is not a token id; leave "
+                "it out for a checkpoint without a MASK token."
             )
+        if self.mask_token_id is not None and self.mask_token_id >= self.vocab_size:
+            # no MASK row (dhara-250m-ar-base: 49,152 tokens, the default id 49152): AR-only
+            self.mask_token_id = None
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The decoding modes of this checkpoint: all three with a MASK token, else "ar".
+
+        The one definition every entry point (runtime, server, CLI, training, eval,
+        convert) asks.
+        """
+        return MODES if self.mask_token_id is not None else ("ar",)
+
+    def require_mask(self, what: str) -> int:
+        """The MASK id, or a ValueError saying that ``what`` needs it and how to get one."""
+        if self.mask_token_id is not None:
+            return self.mask_token_id
+        raise ValueError(
+            f"{what} needs the MASK token, and this dhara checkpoint has none: its "
+            f"config.json has no mask_token_id inside the vocabulary (vocab_size "
+            f"{self.vocab_size}), so it decodes in mode 'ar' only. To make it tri-mode "
+            f"(ar, diffusion, spec), add a MASK row to the embedding (vocab_size "
+            f"{self.vocab_size + 1}; to lm_head too when untied) and set mask_token_id to "
+            f"{self.vocab_size} in config.json, then train with the joint objective "
+            "(dhara-mlx lora --objective joint, or dhara-mlx train with --diffusion-weight "
+            "above 0) so that the row learns to denoise."
+        )
 
     @property
     def softcap(self) -> Optional[float]:
@@ -185,6 +213,13 @@ def rope_tables(inv_freqs: mx.array, offset, length: int, factor: float):
     sin = mx.concatenate([-sin, sin], axis=-2)
     layers = inv_freqs.shape[0]
     return mx.split(cos, layers), mx.split(sin, layers)
+
+
+@mx.compile
+def soft_cap(logits: mx.array, cap: float) -> mx.array:
+    """``cap * tanh(logits / cap)`` in one pass over the logits (they are the widest
+    array of a decode step)."""
+    return cap * mx.tanh(logits / cap)
 
 
 @mx.compile
@@ -359,7 +394,7 @@ class Model(nn.Module):
         else:
             logits = self.lm_head(h)
         cap = self.args.softcap
-        return cap * mx.tanh(logits / cap) if cap else logits
+        return soft_cap(logits, cap) if cap else logits
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Hugging Face names and layouts to this module tree, then check them all."""

@@ -2,7 +2,8 @@
 
 KL(float || float with one module quantized) per scored position, on the
 calibration tokens, in an AR and a block-diffusion forward (``optiq_dhara.metrics``),
-averaged over the two modes.
+averaged over the two modes; a model without a MASK token (AR-only) is measured
+in the AR forward alone.
 
 Measuring every module exactly by full forwards costs about 2 x modules + 2
 forwards per sample. Two things make it cheaper:
@@ -40,6 +41,7 @@ from optiq_dhara.metrics import (
     kl_divergence,
     make_scoring,
     scored_log_probs,
+    scoring_modes,
     target_nll,
 )
 
@@ -103,7 +105,7 @@ class Sensitivities:
         return {
             "format": FORMAT,
             "kl": "mean KL(float || one module quantized) per scored position, "
-            "AR and diffusion averaged",
+            "averaged over the modes (AR, and diffusion when the model has a MASK token)",
             "candidate_bits": list(self.candidate_bits),
             **self.grouping.as_dict(),
             "method": self.method,
@@ -171,7 +173,11 @@ def _from_dict(
         )
     sens = {
         p: Sensitivity(
-            {mode: {b: float(v[mode][str(b)]) for b in candidate_bits} for mode in MODES},
+            {
+                mode: {b: float(v[mode][str(b)]) for b in candidate_bits}
+                for mode in MODES
+                if mode == "ar" or mode in v  # diffusion only where it was measured (MASK)
+            },
             bool(v["measured"]),
         )
         for p, v in stored.items()
@@ -193,7 +199,8 @@ class Calibrator:
     """The float model's view of the calibration tokens: what each KL is measured against.
 
     Keeps, per mode and batch, the scoring, the reference log-probabilities at the
-    scored positions and the residual stream at every layer boundary.
+    scored positions and the residual stream at every layer boundary. The modes
+    are the model's (``metrics.scoring_modes``: AR alone without a MASK token).
     """
 
     def __init__(
@@ -211,6 +218,7 @@ class Calibrator:
         self.dtype = dtype
         self.grouping = grouping
         self.mask_id = model.args.mask_token_id
+        self.modes = scoring_modes(model.args)
         self.samples = tokens.shape[0]
         self.count = ForwardCount(len(model.layers))
         self.modules = dict(model.named_modules())
@@ -219,11 +227,11 @@ class Calibrator:
                 make_scoring(tokens[s : s + batch_size], mode, self.mask_id, block_len, seed + s)
                 for s in range(0, self.samples, batch_size)
             ]
-            for mode in MODES
+            for mode in self.modes
         }
-        self.positions = {mode: sum(b.size for b in self.batches[mode]) for mode in MODES}
-        self.reference: dict[str, list[mx.array]] = {mode: [] for mode in MODES}
-        self.states: dict[str, list[list[mx.array]]] = {mode: [] for mode in MODES}
+        self.positions = {mode: sum(b.size for b in self.batches[mode]) for mode in self.modes}
+        self.reference: dict[str, list[mx.array]] = {mode: [] for mode in self.modes}
+        self.states: dict[str, list[list[mx.array]]] = {mode: [] for mode in self.modes}
 
     def _keep(self, mode: str, log_probs: mx.array, states: list[mx.array]) -> None:
         mx.eval(log_probs, states)
@@ -232,7 +240,7 @@ class Calibrator:
 
     def capture(self) -> None:
         """One float forward per batch and mode."""
-        for mode in MODES:
+        for mode in self.modes:
             for scoring in tqdm(self.batches[mode], desc=f"Float forwards ({mode})", leave=False):
                 logits, states = forward_with_states(self.model, scoring.inputs, scoring.mask)
                 self._keep(mode, scored_log_probs(logits, scoring, self.mask_id), states)
@@ -250,8 +258,10 @@ class Calibrator:
         """
         key = mx.random.key(seed)
         fisher = {}
-        bar = tqdm(total=self.samples * len(MODES), desc="Float forwards + Fisher", leave=False)
-        for mode in MODES:
+        bar = tqdm(
+            total=self.samples * len(self.modes), desc="Float forwards + Fisher", leave=False
+        )
+        for mode in self.modes:
             total = {m.path: mx.zeros(m.shape, mx.float32) for m in modules}
             positions, sample = 0, 0
             for scoring in self.batches[mode]:
@@ -305,7 +315,7 @@ class Calibrator:
         weight = target.weight
         target.weight = fake_quantize(weight, bits, self.grouping.of(module, bits), self.dtype)
         try:
-            return {mode: self._kl_from(module, mode) for mode in MODES}
+            return {mode: self._kl_from(module, mode) for mode in self.modes}
         finally:
             target.weight = weight
 
@@ -330,13 +340,13 @@ class Calibrator:
     def exact_cost(self, module: Quantizable, candidates: int) -> float:
         """Forward units per sample of measuring ``module`` at ``candidates`` bit widths."""
         layers = len(self.model.layers)
-        return len(MODES) * candidates * (layers - self.start(module) + 1) / (layers + 1)
+        return len(self.modes) * candidates * (layers - self.start(module) + 1) / (layers + 1)
 
     def estimated_kl(self, fisher: dict, module: Quantizable, bits: int) -> dict[str, float]:
         weight = self.modules[module.path].weight
         stored = fake_quantize(weight, bits, self.grouping.of(module, bits), self.dtype)
         error = (stored - weight).square()
-        return {mode: 0.5 * (fisher[mode][module.path] * error).sum().item() for mode in MODES}
+        return {mode: 0.5 * (fisher[mode][module.path] * error).sum().item() for mode in self.modes}
 
 
 def _row(scoring: Scoring, row: int) -> Scoring:
@@ -352,18 +362,20 @@ def _row(scoring: Scoring, row: int) -> Scoring:
     )
 
 
-def fisher_stride(allowance: float, samples: int) -> int:
+def fisher_stride(allowance: float, samples: int, modes: int = len(MODES)) -> int:
     """Take the Fisher backward (2 forward units) on every n-th sample, n the smallest
-    that keeps the float forwards and backwards within half of ``allowance``."""
-    per_mode = allowance / 2 / len(MODES)
+    that keeps the float forwards and backwards (in ``modes`` modes) within half of
+    ``allowance``."""
+    per_mode = allowance / 2 / modes
     if per_mode <= 1:
         return samples
     return min(samples, max(1, math.ceil(2 / (per_mode - 1))))
 
 
-def naive_forwards(modules: int, candidates: int) -> float:
-    """Forwards per sample of measuring each module at each non-top candidate by full forwards."""
-    return len(MODES) * (modules * max(candidates - 1, 1) + 1)
+def naive_forwards(modules: int, candidates: int, modes: int = len(MODES)) -> float:
+    """Forwards per sample of measuring each module at each non-top candidate by full
+    forwards, in ``modes`` modes."""
+    return modes * (modules * max(candidates - 1, 1) + 1)
 
 
 def _mean(by_mode: dict[str, float]) -> float:
@@ -414,7 +426,7 @@ class Refinement:
                 else exact[below][mode] * est[b][mode] / max(est[below][mode], TINY)
                 for b in self.bits
             }
-            for mode in MODES
+            for mode in exact[below]
         }
 
     def sensitivities(self) -> dict[str, Sensitivity]:
@@ -427,7 +439,8 @@ class Refinement:
                 f = factors.get(m.kind, factors.get("", 1.0))
                 est = self.estimates[p]
                 out[p] = Sensitivity(
-                    {mode: {b: est[b][mode] * f for b in self.bits} for mode in MODES}, False
+                    {mode: {b: est[b][mode] * f for b in self.bits} for mode in est[self.bits[0]]},
+                    False,
                 )
         return out
 
@@ -518,9 +531,9 @@ def measure_sensitivities(
         batch_size=batch_size,
         seed=seed,
     )
-    samples = tokens.shape[0]
-    naive = naive_forwards(len(modules), len(candidate_bits))
-    exact_all = len(MODES) + sum(calib.exact_cost(m, len(candidate_bits)) for m in modules)
+    samples, modes = tokens.shape[0], len(calib.modes)
+    naive = naive_forwards(len(modules), len(candidate_bits), modes)
+    exact_all = modes + sum(calib.exact_cost(m, len(candidate_bits)) for m in modules)
     allowance = forward_fraction * naive
     if method == "auto" and (budget is None or exact_all <= allowance):
         method = "exact"
@@ -530,10 +543,12 @@ def measure_sensitivities(
         sens = {}
         for m in tqdm(modules, desc="Measuring each module", leave=False):
             kl = {b: calib.exact_kl(m, b) for b in candidate_bits}
-            sens[m.path] = Sensitivity({mode: {b: kl[b][mode] for b in kl} for mode in MODES}, True)
+            sens[m.path] = Sensitivity(
+                {mode: {b: kl[b][mode] for b in kl} for mode in calib.modes}, True
+            )
         extra = {}
     else:
-        fisher = calib.capture_with_fisher(modules, fisher_stride(allowance, samples), seed)
+        fisher = calib.capture_with_fisher(modules, fisher_stride(allowance, samples, modes), seed)
         estimates = {
             m.path: {b: calib.estimated_kl(fisher, m, b) for b in candidate_bits} for m in modules
         }

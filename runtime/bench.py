@@ -20,6 +20,7 @@ from ..model import Model, ModelArgs
 from .decode import decode
 from .diffusion import denoise
 from .sampling import Sampling
+from .settings import require_mode
 
 
 @dataclass
@@ -160,9 +161,12 @@ def run_bench(
 
     Prompts are cut from ``text_ids`` when given, else random ids. With
     ``repeats`` > 1 the modes take turns and each keeps its fastest run, which
-    is what a shared, noisy machine measures best.
+    is what a shared, noisy machine measures best. A mode the model lacks (diffusion
+    and spec, and the reference, without a MASK token) is refused before any run.
     """
     lengths, modes = sorted(prompt_lengths), list(modes)
+    for mode in modes + (["diffusion"] if reference else []):
+        require_mode(model.args, mode)
     options = dict(block_len=block_len, threshold=threshold, k=k)
     rows = []
     for mode in modes:

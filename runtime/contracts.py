@@ -12,8 +12,15 @@ import mlx.core as mx
 
 class ModelArgs(Protocol):
     vocab_size: int
-    mask_token_id: int
+    mask_token_id: Optional[int]  # None: no MASK token, so no diffusion or spec
     num_hidden_layers: int
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The decoding modes the model has ("ar", and "diffusion" and "spec" with MASK)."""
+
+    def require_mask(self, what: str) -> int:
+        """The MASK id, or a ValueError saying that ``what`` needs one and how to get it."""
 
 
 class DecodingModel(Protocol):

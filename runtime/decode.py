@@ -2,7 +2,7 @@
 
 from typing import Iterable, Iterator, Optional, Sequence
 
-from .engine import Engine
+from .engine import Engine, Row
 from .prefix_cache import PrefixCache
 from .sampling import Sampling
 from .settings import Settings, check_prompt
@@ -46,7 +46,8 @@ def decode(
 
     ``options`` are ``make_request``'s (``mode``, ``max_tokens``, sampling,
     ``stop_ids``, ``block_len``, ``threshold``, ``k``), checked here before the
-    first step. The last step's ``stats.finish_reason`` is "stop" (a stop id
+    first step, as is the mode against the model's modes (diffusion and spec need
+    its MASK token). The last step's ``stats.finish_reason`` is "stop" (a stop id
     was generated, and is the last token) or "length" (``max_tokens`` reached).
     With ``prefix_cache`` the run starts from the state of an earlier run that
     shares a prefix with this prompt and leaves its own state there when it
@@ -54,13 +55,11 @@ def decode(
     """
     settings, sampling = make_request(**options)
     prompt = check_prompt(prompt_ids, model.args.vocab_size)
-    return _run(Engine(model, max_batch=1, prefix_cache=prefix_cache), prompt, settings, sampling)
+    engine = Engine(model, max_batch=1, prefix_cache=prefix_cache)
+    return _run(engine, engine.add(prompt, settings, sampling))  # add: checks now, runs nothing
 
 
-def _run(
-    engine: Engine, prompt: list[int], settings: Settings, sampling: Sampling
-) -> Iterator[Step]:
-    row = engine.add(prompt, settings, sampling)
+def _run(engine: Engine, row: Row) -> Iterator[Step]:
     failed = False
     try:
         while not row.done:

@@ -27,8 +27,8 @@ from ..slot_cache import SlotCache
 from .ar import ar_step, next_tokens, read_tokens
 from .diffusion import diffusion_step
 from .prefix_cache import PrefixCache
-from .sampling import Sampling, presence
-from .settings import Settings
+from .sampling import Sampling
+from .settings import Settings, require_mode
 from .spec import spec_step
 from .stats import Stats, Step
 
@@ -53,7 +53,6 @@ class Row:
     group: Optional["Group"] = None
     slot: int = -1
     done: bool = False
-    cancelled: bool = False
     block: list[int] = field(default_factory=list)
     start: int = 0
     final: int = 0
@@ -79,12 +78,6 @@ class Row:
             stats.finish_reason = "length"
         self.done = stats.finish_reason is not None
         return Step(tokens, stats)
-
-    def seen(self, vocab_size: int) -> Optional[mx.array]:
-        """[vocab]: the repetition penalty's context, None when there is no penalty."""
-        if self.sampling.repetition_penalty == 1.0:
-            return None
-        return presence(self.seq, vocab_size)
 
 
 def run_rows(
@@ -203,7 +196,12 @@ class Engine:
         self._held: list[tuple[Row, Step]] = []  # made final between steps (by a cancel)
 
     def add(self, prompt: list[int], settings: Settings, sampling: Sampling) -> Row:
-        """Queue a request (already checked, with a concrete seed when sampled)."""
+        """Queue a request (already checked, with a concrete seed when sampled).
+
+        Every request passes here, so here a mode the model lacks is refused (a
+        ValueError that names the missing MASK token), before anything runs.
+        """
+        require_mode(self.model.args, settings.mode)
         row = Row(prompt, settings, sampling, Stats(settings.mode, len(prompt)), list(prompt))
         self.waiting.append(row)
         return row
@@ -218,7 +216,7 @@ class Engine:
         """Stop ``row`` now; its state goes to the prefix cache, as at a normal end."""
         if row.done:
             return
-        row.cancelled = row.done = True
+        row.done = True
         self._leave(row)
 
     def step(self) -> list[tuple[Row, Step]]:

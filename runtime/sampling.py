@@ -77,9 +77,10 @@ def seen_tokens(sampling: Sampling, tokens: Sequence[int], vocab_size: int) -> O
 
 
 def adjust_logits(
-    logits: mx.array, seen: Optional[mx.array], sampling: Sampling, mask_id: int
+    logits: mx.array, seen: Optional[mx.array], sampling: Sampling, mask_id: Optional[int]
 ) -> mx.array:
-    """float32 logits with MASK suppressed and the repetition penalty applied.
+    """float32 logits with MASK suppressed (None: the model has none) and the
+    repetition penalty applied.
 
     The penalty divides a seen token's positive logit and multiplies a negative
     one (``l/p if l > 0 else l*p``), once per token however often it was seen.
@@ -88,15 +89,15 @@ def adjust_logits(
 
 
 def adjust_rows(
-    logits: mx.array, seen: Optional[mx.array], penalties: Sequence[float], mask_id: int
+    logits: mx.array, seen: Optional[mx.array], penalties: Sequence[float], mask_id: Optional[int]
 ) -> mx.array:
     """``adjust_logits`` for rows [N, vocab] with a penalty each (or one for all).
 
     ``seen`` [N, vocab] (or broadcastable) holds each row's penalty context.
     """
     logits = logits.astype(mx.float32)
-    vocab = mx.arange(logits.shape[-1])
-    logits = mx.where(vocab == mask_id, -mx.inf, logits)
+    if mask_id is not None:
+        logits = mx.where(mx.arange(logits.shape[-1]) == mask_id, -mx.inf, logits)
     if seen is None or all(p == 1.0 for p in penalties):
         return logits
     if len(set(penalties)) == 1:

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Sequence
 
-MODES = ("ar", "diffusion", "spec")
+from ..model import MODES
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,19 @@ class Settings:
             raise ValueError(
                 f"k must be >= 2 (the anchor plus at least one draft token), got {self.k}."
             )
+
+
+def require_mode(args, mode: str) -> None:
+    """A ValueError, before any work, when the model (its ``args``) cannot decode in ``mode``:
+    diffusion and spec need the MASK token, which an AR-only checkpoint lacks."""
+    if mode not in args.modes:
+        args.require_mask(f"mode {mode!r}")
+        raise ValueError(f"this model decodes in {', '.join(args.modes)}; not in mode {mode!r}.")
+
+
+def default_mode(args) -> str:
+    """The mode a request gets when it names none: spec when the model has it, else ar."""
+    return "spec" if "spec" in args.modes else "ar"
 
 
 def check_prompt(prompt_ids: Sequence[int], vocab_size: int, what: str = "prompt") -> list[int]:

@@ -15,6 +15,7 @@ import json
 import logging
 import secrets
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from optiq_dhara.runtime.prefix_cache import DEFAULT_BYTES
+from optiq_dhara.runtime.settings import default_mode, require_mode
 from optiq_dhara.runtime.text import encode_prompt
 
 from .engine import QueueFull, Worker
@@ -49,10 +51,13 @@ class _ClientGone(Exception):
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """What the server is started with; a request may override ``mode`` and ``max_tokens``."""
+    """What the server is started with; a request may override ``mode`` and ``max_tokens``.
+
+    ``mode`` None is the model's default: spec, or ar for a model without a MASK token.
+    """
 
     model_id: str
-    mode: Mode = "spec"
+    mode: Optional[Mode] = None
     api_key: Optional[str] = None
     max_tokens: int = 512
     max_context: int = 8192
@@ -191,6 +196,7 @@ class _API:
             "object": "model",
             "created": 0,
             "owned_by": "optiq-dhara",
+            "modes": list(self.worker.model.args.modes),  # diffusion and spec need MASK
         }
         return JSONResponse({"object": "list", "data": [model]})
 
@@ -247,7 +253,7 @@ class _API:
         prompt_ids = await self._prompt_ids(prompt, reply.chat, tools)
         prompt_tokens = len(prompt_ids)
         options = dict(
-            mode=body.mode or self.config.mode,
+            mode=body.mode or self.config.mode or default_mode(self.worker.model.args),
             max_tokens=self._budget(
                 body.token_limit, prompt_tokens, "messages" if reply.chat else "prompt"
             ),
@@ -347,7 +353,7 @@ def run_server(
     model_id: str,
     host: str = "127.0.0.1",
     port: int = 8080,
-    mode: Mode = "spec",
+    mode: Optional[Mode] = None,
     api_key: Optional[str] = None,
     max_tokens: int = 512,
     max_context: Optional[int] = None,
@@ -359,15 +365,30 @@ def run_server(
     """Load the model on the worker and serve it with uvicorn until interrupted.
 
     The context defaults to the model's ``max_position_embeddings``, else 8192;
-    ``max_queue`` to 4 x ``max_batch``; ``prompt_cache_bytes`` 0 turns the
-    prefix cache off.
+    ``mode`` to spec, or ar for a model without a MASK token (a ``mode`` the
+    model lacks is refused before serving); ``max_queue`` to 4 x ``max_batch``;
+    ``prompt_cache_bytes`` 0 turns the prefix cache off. A line on stderr says
+    which modes the model has.
     """
     import uvicorn
 
     worker = Worker(
         load, max_batch=max_batch, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes
     ).start()
-    context = max_context or worker.model.args.max_position_embeddings or 8192
+    try:
+        args = worker.model.args
+        if mode is not None:
+            require_mode(args, mode)
+        context = max_context or args.max_position_embeddings or 8192
+    except BaseException:
+        worker.close()
+        raise
+    print(
+        f"serving {model_id}: modes {', '.join(args.modes)}; requests without a mode "
+        f"decode in {mode or default_mode(args)}",
+        file=sys.stderr,
+        flush=True,
+    )
     config = ServerConfig(model_id, mode, api_key, max_tokens, context)
     try:
         uvicorn.run(create_app(worker, config), host=host, port=port, log_level=log_level)

@@ -9,7 +9,7 @@ previous one.
 from typing import Iterator, Optional
 
 from optiq_dhara.runtime import PrefixCache, stream_text
-from optiq_dhara.runtime.settings import MODES
+from optiq_dhara.runtime.settings import MODES, require_mode
 
 HELP = "commands: /mode ar|diffusion|spec, /reset (forget the history), /help, /quit"
 
@@ -20,6 +20,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, mode: str, system: Optional[str] = None, **options):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}.")
+        require_mode(model.args, mode)
         self.model, self.tokenizer = model, tokenizer
         self.mode, self.system, self.options = mode, system, options
         self.prefix_cache = PrefixCache()
@@ -36,6 +37,7 @@ class ChatSession:
         if name == "mode":
             if arg not in MODES:
                 raise ValueError(f"/mode takes one of {', '.join(MODES)}; got {arg!r}.")
+            require_mode(self.model.args, arg)  # diffusion and spec need a MASK token
             self.mode = arg
             return f"mode: {arg}"
         if name == "reset":

@@ -127,7 +127,8 @@ class Worker:
 
         ``options`` are ``make_request``'s arguments after ``model`` (``stop_ids``
         aside: the stop set is the tokenizer's). Raises QueueFull when the batch
-        and the queue are full, ValueError for arguments the runtime refuses.
+        and the queue are full, ValueError for arguments the runtime refuses (a mode
+        the model lacks is refused by the engine before the request joins the batch).
         Leaving the iteration early (a disconnect cancels it) drops the request
         from the batch at the next step.
         """
@@ -204,7 +205,10 @@ class Worker:
                 if job.cancelled.is_set():  # its client left while it was queued
                     self.counts["cancelled"] += 1
                 else:
-                    live[engine.add(job.prompt, job.settings, job.sampling)] = job
+                    try:
+                        live[engine.add(job.prompt, job.settings, job.sampling)] = job
+                    except ValueError as exc:  # a mode the model lacks: refused, nothing ran
+                        job.emit(exc)
                 job = self._jobs.get_nowait()
             return False
         except queue.Empty:

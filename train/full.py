@@ -14,6 +14,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from .checkpoint import freeze_rope, model_from_config, save_model_dir
 from .data import encode_documents, tiled_batches, window_batches
+from .loss import require_joint
 from .trainer import TrainConfig, evaluate_losses, train
 
 SEPARATOR = "<|endoftext|>"
@@ -60,6 +61,7 @@ def train_full(
     save: Optional[Callable[[int], None]] = None,
 ) -> list[dict]:
     """Train every parameter but the RoPE frequencies on random windows of the stream."""
+    require_joint(model, config.diffusion_weight)
     model.unfreeze()
     freeze_rope(model)
     evaluate = None
@@ -113,6 +115,7 @@ def run(
 ) -> list[dict]:
     """``dhara-mlx train``: open, tokenize the corpus, train, save to ``out_dir``."""
     network, settings, tokenizer_dir = open_start(model, config)
+    require_joint(network, train_config.diffusion_weight)  # before the corpus is read
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else tokenizer_dir
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise ValueError(f"no tokenizer.json in {tokenizer_dir}: pass --tokenizer DIR.")

@@ -20,7 +20,7 @@ from mlx_lm.utils import dequantize_model, load
 
 from .checkpoint import atomic_write, save_model_dir
 from .data import dataset_batches, load_jsonl_splits
-from .loss import BLOCK_CONTEXT, BLOCK_LEN, DIFFUSION_WEIGHT
+from .loss import BLOCK_CONTEXT, BLOCK_LEN, DIFFUSION_WEIGHT, require_joint
 from .modes import spec_accepted_per_round
 from .trainer import TrainConfig, evaluate_losses, train
 
@@ -112,15 +112,22 @@ def validation_prompts(dataset, count: int, limit: int = 64) -> list[list[int]]:
     return prompts
 
 
+def pad_id(model: nn.Module) -> int:
+    """The id batches are padded with (never trained on): MASK, or 0 without one."""
+    mask_id = model.args.mask_token_id
+    return 0 if mask_id is None else mask_id
+
+
 def make_validation(model: nn.Module, dataset, config: LoraConfig) -> Callable[[int], dict]:
-    """Held-out AR and diffusion losses, and self-spec (k = 8) accepted tokens per round."""
-    prompts = validation_prompts(dataset, config.spec_prompts)
-    pad_id = model.args.mask_token_id
+    """Held-out AR and diffusion losses, and self-spec (k = 8) accepted tokens per round
+    (AR alone for a model without a MASK token)."""
+    spec = "spec" in model.args.modes
+    prompts = validation_prompts(dataset, config.spec_prompts) if spec else []
 
     def evaluate(step: int) -> dict:
         model.eval()
         batches = dataset_batches(
-            dataset, config.batch_size, pad_id, config.max_seq_length, seed=config.seed
+            dataset, config.batch_size, pad_id(model), config.max_seq_length, seed=config.seed
         )
         batches = (batch for _, batch in zip(range(config.val_batches), batches))
         losses = evaluate_losses(
@@ -154,6 +161,7 @@ def run_lora(
     """
     config.validate()
     model, tokenizer = load(str(model_path))
+    require_joint(model, config.weight)  # the joint objective needs MASK: refused before work
     splits = load_jsonl_splits(Path(data_dir), tokenizer, config.mask_prompt)
     for name, split in splits.items():
         if name != "test" and len(split) < config.batch_size:
@@ -167,7 +175,7 @@ def run_lora(
     batches = dataset_batches(
         splits["train"],
         config.batch_size,
-        model.args.mask_token_id,
+        pad_id(model),
         config.max_seq_length,
         loop=True,
         seed=config.seed,

@@ -187,6 +187,20 @@ def _pad_to_blocks(tokens: mx.array, loss_mask: mx.array, block_len: int, pad_id
     return tokens, mx.pad(loss_mask, [(0, 0), (0, extra)])
 
 
+def require_joint(model: nn.Module, diffusion_weight: float) -> Optional[int]:
+    """The MASK id the diffusion term needs (None when ``diffusion_weight`` is 0), or a
+    ValueError, before any training, for a model without a MASK token (AR-only)."""
+    if not diffusion_weight:
+        return model.args.mask_token_id
+    try:
+        return model.args.require_mask(f"the joint objective (diffusion weight {diffusion_weight})")
+    except ValueError as exc:
+        raise ValueError(
+            f"{exc} To train the model as it is, use the AR objective: --objective ar "
+            "(dhara-mlx lora) or --diffusion-weight 0 (dhara-mlx train)."
+        ) from None
+
+
 def ar_loss(logits: mx.array, tokens: mx.array, loss_mask: mx.array):
     """Mean next-token CE over the positions of ``loss_mask`` (from the second token on)."""
     weights = loss_mask[:, 1:].astype(mx.float32)
@@ -216,8 +230,8 @@ def joint_loss(
     """
     if loss_mask is None:
         loss_mask = mx.ones(tokens.shape, dtype=mx.bool_)
-    mask_id = model.args.mask_token_id
     if diffusion_weight:
+        mask_id = require_joint(model, diffusion_weight)
         tokens, loss_mask = _pad_to_blocks(tokens, loss_mask, block_len, mask_id)
     batch, length = tokens.shape
     clean, attend = tokens, "causal"

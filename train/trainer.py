@@ -14,7 +14,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from tqdm import tqdm
 
-from .loss import BLOCK_CONTEXT, BLOCK_LEN, DIFFUSION_WEIGHT, joint_loss, sample_noise
+from .loss import (
+    BLOCK_CONTEXT,
+    BLOCK_LEN,
+    DIFFUSION_WEIGHT,
+    joint_loss,
+    require_joint,
+    sample_noise,
+)
 
 Batch = tuple[mx.array, mx.array]  # tokens [B, L], loss mask [B, L]
 
@@ -58,7 +65,12 @@ def evaluate_losses(
     seed: int = 0,
     block_context: float = BLOCK_CONTEXT,
 ) -> dict[str, float]:
-    """Token-weighted mean AR and diffusion losses; the noise is seeded, so repeatable."""
+    """Token-weighted mean AR and diffusion losses; the noise is seeded, so repeatable.
+
+    The diffusion loss is measured even when training AR-only (weight 0), except
+    for a model without a MASK token, which has the AR loss alone.
+    """
+    diffusion = model.args.mask_token_id is not None
     key = mx.random.key(seed)
     sums = {"ar": 0.0, "diffusion": 0.0, "ar_tokens": 0.0, "diffusion_tokens": 0.0}
     for tokens, mask in batches:
@@ -67,18 +79,17 @@ def evaluate_losses(
         noise = sample_noise(
             (tokens.shape[0], padded), block_len, block_context=block_context, key=sub
         )
-        losses = joint_loss(
-            model, tokens, mask, diffusion_weight or 1.0, block_len, noise, block_context
-        )
+        weight = (diffusion_weight or 1.0) if diffusion else 0.0
+        losses = joint_loss(model, tokens, mask, weight, block_len, noise, block_context)
         mx.eval(losses)
         sums["ar"] += losses.ar.item() * losses.ar_tokens.item()
         sums["diffusion"] += losses.diffusion.item() * losses.diffusion_tokens.item()
         sums["ar_tokens"] += losses.ar_tokens.item()
         sums["diffusion_tokens"] += losses.diffusion_tokens.item()
-    return {
-        "ar_loss": sums["ar"] / max(sums["ar_tokens"], 1),
-        "diffusion_loss": sums["diffusion"] / max(sums["diffusion_tokens"], 1),
-    }
+    result = {"ar_loss": sums["ar"] / max(sums["ar_tokens"], 1)}
+    if diffusion:
+        result["diffusion_loss"] = sums["diffusion"] / max(sums["diffusion_tokens"], 1)
+    return result
 
 
 def train(
@@ -92,8 +103,10 @@ def train(
     """Train the model's trainable parameters on the joint loss; returns every report.
 
     ``evaluate(step)`` runs at step 0, every ``steps_per_eval`` and at the end; its
-    dict joins the report. ``save(step)`` runs after the last step.
+    dict joins the report. ``save(step)`` runs after the last step. A diffusion
+    weight above 0 for a model without a MASK token is refused before anything runs.
     """
+    require_joint(model, config.diffusion_weight)
     mx.random.seed(config.seed)
     optimizer = make_optimizer(config)
 
