@@ -94,17 +94,24 @@ def diffusion_step(group: "Group") -> list[tuple["Row", Step]]:
         first = end
     events = []
     for row, masked, row_tokens, flags in results:
+        row.stats.forwards += 1
+        row.stats.rounds += 1
+        if len(row.committed) != len(row.block):
+            row.committed = [None] * len(row.block)
         for i, token, flag in zip(masked, row_tokens, flags):
             if flag:
                 row.block[i] = token
+                row.committed[i] = row.stats.rounds
         wanted = row.settings.max_tokens - row.stats.generated
         new = []
         while row.final < len(row.block) and row.block[row.final] != mask_id and len(new) < wanted:
             new.append(row.block[row.final])
             row.final += 1
-        row.stats.forwards += 1
-        row.stats.rounds += 1
-        events.append((row, row.emit(row.settings.through_stop(new))))
+        step = row.emit(row.settings.through_stop(new))
+        step.block, step.block_start = list(row.block), row.start
+        step.committed = list(row.committed)
+        events.append((row, step))
         if not row.done and row.final == len(row.block):
             row.start, row.block, row.final = len(row.seq), [mask_id] * row.grid, 0
+            row.committed = []
     return events

@@ -18,7 +18,7 @@ row's tokens are those it gets alone: every batched computation is row by row
 """
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import mlx.core as mx
@@ -56,6 +56,7 @@ class Row:
     block: list[int] = field(default_factory=list)
     start: int = 0
     final: int = 0
+    committed: list = field(default_factory=list)  # the step that committed each block position
 
     @property
     def mode(self) -> str:
@@ -367,7 +368,11 @@ def _one_per_row(events: list[tuple[Row, Step]]) -> list[tuple[Row, Step]]:
     merged: dict[int, tuple[Row, Step]] = {}
     for row, step in events:
         if id(row) in merged:
-            merged[id(row)][1].tokens.extend(step.tokens)
+            first = merged[id(row)][1]
+            first.tokens.extend(step.tokens)
+            if step.block is not None:
+                first.block, first.block_start = step.block, step.block_start
+                first.committed = step.committed
         else:
-            merged[id(row)] = (row, Step(list(step.tokens), step.stats))
+            merged[id(row)] = (row, replace(step, tokens=list(step.tokens)))
     return list(merged.values())

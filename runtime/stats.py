@@ -70,7 +70,16 @@ class Stats:
 
 @dataclass
 class Step:
-    """Tokens that just became final (never MASK), and the run's stats so far."""
+    """Tokens that just became final (never MASK), and the run's stats so far.
+
+    Block diffusion also shows its work: ``block`` is the block being denoised
+    after this step (MASK id where still masked), starting at position
+    ``block_start``; ``committed`` gives, for each of its positions, the step
+    (``stats.rounds``) that committed it, or None.
+    """
 
     tokens: list[int]
     stats: Stats
+    block: Optional[list[int]] = None
+    block_start: int = 0
+    committed: Optional[list[Optional[int]]] = None

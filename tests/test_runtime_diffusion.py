@@ -118,3 +118,23 @@ def test_tokens_stream_in_order_as_soon_as_final(golden_model, golden):
     steps = list(decode(golden_model, prompt, mode="diffusion", max_tokens=32, block_len=8))
     assert [t for step in steps for t in step.tokens] == golden["diffusion_p2_bl8"].tolist()
     assert any(0 < len(step.tokens) < 8 for step in steps)
+
+
+def test_steps_show_the_block_being_denoised(golden_model, golden):
+    """Each step carries the block after it (MASK where still masked) and the step
+    that committed each position: enough to draw the denoising."""
+    mask_id = golden_model.args.mask_token_id
+    prompt = golden["prompt_p2"].tolist()  # 16 tokens: blocks of 8 start at 16 and 24
+    steps = list(
+        decode(golden_model, prompt, mode="diffusion", max_tokens=16, block_len=8, threshold=0.9)
+    )
+    assert all(step.block is not None and len(step.block) == 8 for step in steps)
+    assert [s.block_start for s in steps] == sorted(s.block_start for s in steps)
+    first_block = [s for s in steps if s.block_start == 16]
+    assert len(first_block) >= 2
+    masked = [sum(t == mask_id for t in s.block) for s in first_block]
+    assert masked == sorted(masked, reverse=True) and masked[-1] == 0
+    last = first_block[-1]
+    assert sorted(set(last.committed)) == list(range(1, len(first_block) + 1))
+    out = [t for s in steps for t in s.tokens]
+    assert out[:8] == last.block
