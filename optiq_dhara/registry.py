@@ -9,6 +9,7 @@ loading a tokenizer does not warn about an unknown model type. Any failure raise
 
 import importlib
 import sys
+from typing import Optional
 
 import mlx_lm.models
 import mlx_lm.models.cache as mlx_cache
@@ -20,9 +21,16 @@ from .checkpoint import MODEL_TYPE
 
 
 class DharaConfig(PretrainedConfig):
-    """config.json of a dhara checkpoint, as transformers sees it."""
+    """config.json of a dhara checkpoint, as transformers sees it.
+
+    transformers standardizes ``rope_scaling`` (YaRN) when it reads a config and
+    then needs ``max_position_embeddings`` (and ``rope_theta``): declared here so
+    that loading the tokenizer of a YaRN checkpoint works.
+    """
 
     model_type = MODEL_TYPE
+    max_position_embeddings: Optional[int] = None
+    rope_theta: float = 8_000_000.0
 
 
 def register() -> None:

@@ -20,7 +20,6 @@ import mlx_lm
 import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
-from mlx_lm.utils import load_model
 from typer.testing import CliRunner
 
 from optiq_dhara.cli import app
@@ -149,12 +148,13 @@ def test_batches_and_prompt_caches(ar, tri, golden):
 
 def test_yarn_config(golden_dir, tmp_path, golden):
     yarn = {"rope_scaling": YARN, "max_position_embeddings": 256}  # 4 x 64 positions
-    ar_yarn = load_model(ar_only_copy(golden_dir, tmp_path / "a", **yarn))[0]
+    ar_yarn, tokenizer = mlx_lm.load(str(ar_only_copy(golden_dir, tmp_path / "a", **yarn)))
     tri_yarn = tmp_path / "t"
     shutil.copytree(golden_dir, tri_yarn)
     config = json.loads((tri_yarn / "config.json").read_text())
     (tri_yarn / "config.json").write_text(json.dumps({**config, **yarn}))
-    tri_model = load_model(tri_yarn)[0]
+    tri_model = mlx_lm.load(str(tri_yarn))[0]  # tokenizer too: transformers reads rope_scaling
+    assert tokenizer.encode("hello")
     assert ar_yarn.args.modes == ("ar",) and ar_yarn.args.rope_scaling == YARN
     ids = golden["ids_a"]
     assert mx.allclose(ar_yarn(ids), tri_model(ids)[..., :VOCAB], rtol=0, atol=1e-6)
