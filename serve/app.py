@@ -8,6 +8,10 @@ first chunk before the 200 goes out. A full queue is a 429 with Retry-After.
 Any other failure is a 500 with an error body; the server itself keeps running.
 A client that disconnects, while its answer is being made or waited for,
 cancels its job.
+
+``GET /`` is the playground page (``static/``, no key needed: the page asks for
+the key when the server has one); its requests go to the guarded /v1 routes and
+use the ``dhara`` streaming extension (``dhara_stats``, ``dhara_blocks``).
 """
 
 import asyncio
@@ -20,6 +24,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Union
 
 from jinja2 import TemplateError
@@ -27,14 +32,16 @@ from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from optiq_dhara.runtime.prefix_cache import DEFAULT_BYTES
 from optiq_dhara.runtime.settings import default_mode, require_mode
+from optiq_dhara.runtime.stats import Stats
 from optiq_dhara.runtime.text import encode_prompt
 
-from .engine import QueueFull, Worker
+from .engine import BlockStep, QueueFull, Worker
 from .errors import APIError, from_validation, invalid, server_error
 from .responses import Completion, ToolCallStream, sse, tool_result, usage
 from .schemas import ChatCompletionRequest, CompletionRequest, DecodeRequest, Mode
@@ -43,6 +50,7 @@ log = logging.getLogger("optiq_dhara.serve")
 
 Handler = Callable[[Request], Awaitable[Response]]
 RETRY_AFTER = 1  # seconds a client told 429 should wait; a batch slot frees every few steps
+STATIC = Path(__file__).parent / "static"  # the playground page
 
 
 class _ClientGone(Exception):
@@ -67,6 +75,9 @@ def create_app(worker: Worker, config: ServerConfig) -> Starlette:
     """The Starlette app serving ``worker`` (already started)."""
     api = _API(worker, config)
     routes = [
+        Route("/", api.page, methods=["GET"]),
+        Route("/playground.json", api.playground, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", api.guarded(api.models), methods=["GET"]),
         Route("/v1/chat/completions", api.guarded(api.chat), methods=["POST"]),
@@ -138,6 +149,40 @@ def _usage(last: Any, prompt_tokens: int) -> dict:
     return usage(prompt_tokens, last.stats.generated, last.stats.reused_tokens)
 
 
+def dhara_stats(stats: Stats) -> dict:
+    """The run's stats so far, as the ``dhara`` extension sends them (``dhara_stats``)."""
+    first = stats.first_token_seconds
+    return {
+        "mode": stats.mode,
+        "prompt_tokens": stats.prompt_tokens,
+        "reused_tokens": stats.reused_tokens,
+        "generated": stats.generated,
+        "forwards": stats.forwards,
+        "rounds": stats.rounds,
+        "accepted_drafts": stats.accepted_drafts,
+        "tokens_per_forward": round(stats.tokens_per_forward, 4),
+        "accepted_per_round": round(stats.accepted_per_round, 4),
+        "tokens_per_second": round(stats.tokens_per_second, 2),
+        "first_token_seconds": None if first is None else round(first, 4),
+    }
+
+
+def _with_dhara(chunk: dict, stats: Optional[Stats], block: Optional[BlockStep] = None) -> dict:
+    """``chunk`` with the ``dhara`` extension: the stats (when asked for) and a diffusion block."""
+    extension = dhara_stats(stats) if stats is not None else {}
+    if block is not None:
+        extension["block"] = {
+            "start": block.start,
+            "step": block.step,
+            "ids": block.ids,
+            "tokens": block.tokens,
+            "committed": block.committed,
+        }
+    if extension:
+        chunk["dhara"] = extension
+    return chunk
+
+
 class _API:
     def __init__(self, worker: Worker, config: ServerConfig):
         self.worker, self.config = worker, config
@@ -187,6 +232,25 @@ class _API:
                 "queued": self.worker.pending,
                 "running": self.worker.running,
                 "requests": self.worker.counts,
+            }
+        )
+
+    async def page(self, request: Request) -> Response:
+        """The playground (open without a key: it holds no data; its requests need one)."""
+        return FileResponse(STATIC / "index.html")
+
+    async def playground(self, request: Request) -> Response:
+        """What the page needs before its first request: the model, its modes, the limits,
+        and whether the /v1 routes want a key."""
+        args = self.worker.model.args
+        return JSONResponse(
+            {
+                "model": self.config.model_id,
+                "modes": list(args.modes),
+                "mode": self.config.mode or default_mode(args),
+                "api_key_required": bool(self.config.api_key),
+                "max_tokens": self.config.max_tokens,
+                "max_context": self.config.max_context,
             }
         )
 
@@ -268,20 +332,27 @@ class _API:
             threshold=body.threshold,
             k=body.k,
         )
-        chunks = self.worker.stream(prompt_ids, **options)
+        chunks = self.worker.stream(prompt_ids, blocks=body.dhara_blocks and body.stream, **options)
         if not body.stream:
-            whole = self._collect(reply, chunks, prompt_tokens, bool(tools))
+            whole = self._collect(reply, chunks, prompt_tokens, bool(tools), body.dhara_stats)
             return JSONResponse(await _unless_gone(request, whole))
         first = await _unless_gone(request, anext(chunks, None))
-        events = self._events(reply, first, chunks, prompt_tokens, body.include_usage, bool(tools))
+        events = self._events(
+            reply, first, chunks, prompt_tokens, body.include_usage, bool(tools), body.dhara_stats
+        )
         return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _collect(self, reply: Completion, chunks, prompt_tokens: int, tools: bool) -> dict:
+    async def _collect(
+        self, reply: Completion, chunks, prompt_tokens: int, tools: bool, stats: bool
+    ) -> dict:
         text, last = "", None
         async for chunk in chunks:
             text, last = text + chunk.text, chunk
         content, calls = tool_result(text) if tools else (text, [])
-        return reply.whole(content, _finish_reason(last, calls), _usage(last, prompt_tokens), calls)
+        whole = reply.whole(
+            content, _finish_reason(last, calls), _usage(last, prompt_tokens), calls
+        )
+        return _with_dhara(whole, last.stats if stats and last is not None else None)
 
     async def _events(
         self,
@@ -291,26 +362,40 @@ class _API:
         prompt_tokens: int,
         include_usage: bool,
         tools: bool,
+        stats: bool,
     ) -> AsyncIterator[str]:
-        """The SSE stream: a chunk per final piece of text, tool calls, finish, usage, [DONE]."""
+        """The SSE stream: a chunk per final piece of text, tool calls, finish, usage, [DONE].
+
+        With ``stats`` each chunk but the chat role and usage chunks carries the run's
+        stats so far (``dhara``); a BlockStep (``dhara_blocks``) is a chunk without text whose
+        ``dhara.block`` is the diffusion block after that step.
+        """
         held = ToolCallStream() if tools else None
         last = None
+
+        def extended(chunk: dict, block: Optional[BlockStep] = None) -> str:
+            source = block or last
+            return sse(_with_dhara(chunk, source.stats if stats and source else None, block))
+
         try:
             if reply.chat:
                 yield sse(reply.chunk(role=True))
             pending = first
             while pending is not None:
-                last = pending
-                text = held.feed(pending.text) if held else pending.text
-                if text:
-                    yield sse(reply.chunk(text))
+                if isinstance(pending, BlockStep):
+                    yield extended(reply.chunk(), pending)
+                else:
+                    last = pending
+                    text = held.feed(pending.text) if held else pending.text
+                    if text:
+                        yield extended(reply.chunk(text))
                 pending = await anext(chunks, None)
             content, calls = held.finish() if held else ("", [])
             if content:
-                yield sse(reply.chunk(content))
+                yield extended(reply.chunk(content))
             if calls:
-                yield sse(reply.chunk(tool_calls=calls))
-            yield sse(reply.chunk(finish_reason=_finish_reason(last, calls)))
+                yield extended(reply.chunk(tool_calls=calls))
+            yield extended(reply.chunk(finish_reason=_finish_reason(last, calls)))
             if include_usage:
                 yield sse(reply.usage_chunk(_usage(last, prompt_tokens)))
             yield sse("[DONE]")

@@ -11,13 +11,16 @@ shared by all rows.
 
 Admission is bounded: at most ``max_batch`` requests decode and ``max_queue``
 more wait; past that ``stream`` raises ``QueueFull`` (the server answers 429).
+
+A request may also ask for the block of every diffusion step (``blocks``): it
+then gets a ``BlockStep`` after each denoising step, text or no text.
 """
 
 import asyncio
 import queue
 import threading
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Optional, Sequence, Union
 
 import mlx.core as mx
 
@@ -27,7 +30,7 @@ from optiq_dhara.runtime.engine import Engine, Row
 from optiq_dhara.runtime.prefix_cache import DEFAULT_BYTES
 from optiq_dhara.runtime.sampling import Sampling
 from optiq_dhara.runtime.settings import Settings, check_prompt
-from optiq_dhara.runtime.stats import Step
+from optiq_dhara.runtime.stats import Stats, Step
 from optiq_dhara.runtime.text import TextChunk, TextStream
 
 Loader = Callable[[], tuple[Any, Any]]
@@ -42,6 +45,23 @@ class _Done:
 
 
 @dataclass
+class BlockStep:
+    """A diffusion row's block after one denoising step, for a request that asked for it.
+
+    ``ids`` are the block's token ids from position ``start`` (the MASK id where
+    still masked), ``tokens`` their text (None for MASK), ``committed`` the step
+    (``stats.rounds``) that committed each position or None, ``step`` this step.
+    """
+
+    start: int
+    step: int
+    ids: list[int]
+    tokens: list[Optional[str]]
+    committed: list[Optional[int]]
+    stats: Stats
+
+
+@dataclass
 class _Job:
     prompt: list[int]
     settings: Settings
@@ -49,6 +69,7 @@ class _Job:
     text: TextStream
     loop: asyncio.AbstractEventLoop
     out: asyncio.Queue
+    blocks: bool = False  # hand out a BlockStep after each diffusion step
     cancelled: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, item: Any) -> None:
@@ -91,6 +112,7 @@ class Worker:
         self.model: Any = None
         self.tokenizer: Any = None
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        self._pieces: dict[int, str] = {}  # token id -> its text, for BlockStep
 
     def start(self) -> "Worker":
         """Start the worker and wait until the model is loaded (re-raising a load failure)."""
@@ -121,9 +143,15 @@ class Worker:
         return self._jobs.qsize() + self._rows - self.running
 
     async def stream(
-        self, prompt_ids: Sequence[int], *, stop: Sequence[str] = (), **options
-    ) -> AsyncIterator[TextChunk]:
-        """The TextChunks of one request as the batch makes them final.
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        stop: Sequence[str] = (),
+        blocks: bool = False,
+        **options,
+    ) -> AsyncIterator[Union[TextChunk, BlockStep]]:
+        """The TextChunks of one request as the batch makes them final; with ``blocks``,
+        also a BlockStep after each diffusion step (before that step's TextChunk).
 
         ``options`` are ``make_request``'s arguments after ``model`` (``stop_ids``
         aside: the stop set is the tokenizer's). Raises QueueFull when the batch
@@ -143,7 +171,7 @@ class Worker:
         job = None
         try:
             loop = asyncio.get_running_loop()
-            job = await asyncio.to_thread(self._job, prompt_ids, stop, options, loop)
+            job = await asyncio.to_thread(self._job, prompt_ids, stop, options, loop, blocks)
             self._jobs.put(job)
             while True:
                 item = await job.out.get()
@@ -157,12 +185,12 @@ class Worker:
             if job is not None:
                 job.cancelled.set()
 
-    def _job(self, prompt_ids, stop, options: dict, loop) -> _Job:
+    def _job(self, prompt_ids, stop, options: dict, loop, blocks: bool) -> _Job:
         """A checked request, made off the event loop (the stop set maps the vocabulary)."""
         text = TextStream(self.tokenizer, stop=stop)
         settings, sampling = make_request(stop_ids=text.stop_ids, **options)
         prompt = check_prompt(prompt_ids, self.model.args.vocab_size)
-        return _Job(prompt, settings, sampling, text, loop, asyncio.Queue())
+        return _Job(prompt, settings, sampling, text, loop, asyncio.Queue(), blocks)
 
     def _run(self) -> None:
         try:
@@ -235,6 +263,7 @@ class Worker:
                 continue
             try:
                 chunk = job.text.feed(step)
+                block = self._block(step) if job.blocks and step.block is not None else None
             except Exception as exc:  # this request fails; the batch goes on
                 self._drop(engine, live, row)
                 job.emit(exc)
@@ -242,11 +271,32 @@ class Worker:
                 continue
             if job.text.finished:  # a stop string ends a row the engine would continue
                 self._drop(engine, live, row)
+            if block is not None:
+                job.emit(block)
             if chunk is not None:
                 job.emit(chunk)
             if job.text.finished:
                 job.emit(_Done())
                 self.counts["completed"] += 1
+
+    def _block(self, step: Step) -> BlockStep:
+        """The block of a diffusion Step, with each token's text (None for MASK)."""
+        mask = self.model.args.mask_token_id
+        tokens = [None if t == mask else self._piece(t) for t in step.block]
+        return BlockStep(
+            step.block_start,
+            step.stats.rounds,
+            list(step.block),
+            tokens,
+            list(step.committed or []),
+            step.stats,
+        )
+
+    def _piece(self, token: int) -> str:
+        """The text of one token (cached: blocks repeat their tokens step after step)."""
+        if token not in self._pieces:
+            self._pieces[token] = self.tokenizer.decode([token])
+        return self._pieces[token]
 
     @staticmethod
     def _drop(engine: Engine, live: dict[Row, _Job], row: Row) -> None:

@@ -39,6 +39,8 @@ class DecodeRequest(BaseModel):
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     k: int = Field(8, ge=2, le=256)
     n: int = Field(1, ge=1, le=1)
+    dhara_stats: bool = False  # extension: a "dhara" object with the run's stats on each chunk
+    dhara_blocks: bool = False  # extension: stream each diffusion step's block (docs/serving.md)
     logprobs: Optional[Union[bool, int]] = None
 
     @field_validator("stop", mode="before")
