@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 import tempfile
 from enum import Enum
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from .generate import BlockLen, Mode, SpecK, Threshold, load_model
+from .generate import BlockLen, Mode, SpecK, Threshold, check_context, load_model
+from .hints import blas_hint
 
 
 class DType(str, Enum):
@@ -66,9 +68,9 @@ def bench(
     prompt_file: Annotated[
         Optional[Path],
         typer.Option(
-            exists=True,
             dir_okay=False,
-            help="Cut the prompts from this text (with --model; tokenized by its tokenizer).",
+            help="Cut the prompts from this text (with --model; tokenized by its tokenizer; "
+            "- reads stdin).",
         ),
     ] = None,
     json_path: Annotated[
@@ -87,13 +89,23 @@ def bench(
             raise typer.BadParameter(
                 "needs --model (whose tokenizer reads it)", param_hint="--prompt-file"
             )
+        blas_hint()
         loaded = runtime_bench.random_model(getattr(mx, dtype.value), seed)
         name = f"random dhara-250m {dtype.value}"
     else:
         loaded, tokenizer = load_model(model)
         name = Path(model).name
+        check_context(loaded, max(prompt_lens), max_tokens, param_hint="--prompt-len")
         if prompt_file is not None:
-            text_ids = tokenizer.encode(prompt_file.read_text())
+            if str(prompt_file) == "-":
+                text = sys.stdin.read()
+            elif prompt_file.is_file():
+                text = prompt_file.read_text()
+            else:
+                raise typer.BadParameter(
+                    f"{prompt_file}: no such file", param_hint="'--prompt-file'"
+                )
+            text_ids = tokenizer.encode(text)
     has = loaded.args.modes
     try:
         rows, ref = runtime_bench.run_bench(

@@ -1,6 +1,7 @@
 """`dhara-mlx eval`: lm-eval tasks in AR or diffusion mode, perplexity and divergence."""
 
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -86,6 +87,10 @@ def eval_command(
     if not task_list and perplexity is None:
         raise typer.BadParameter("give --tasks and/or --perplexity FILE", param_hint="--tasks")
     lm_model, tokenizer = load_model(model)
+    ref_model = None
+    if reference is not None:  # checked before any task runs
+        ref_model, ref_tokenizer = load_model(reference, param_hint="'--reference'")
+        check_same_tokenizer(tokenizer, ref_tokenizer, model, reference)
     results: dict = {}
     if task_list:
         harness = _harness()
@@ -117,9 +122,10 @@ def eval_command(
 
         typer.echo(make_table(results))
     if perplexity is not None:
+        from tqdm import tqdm
+
         from optiq_dhara.evaluate.divergence import text_divergence
 
-        ref_model = load_model(reference)[0] if reference is not None else None
         try:
             report = text_divergence(
                 lm_model,
@@ -130,6 +136,7 @@ def eval_command(
                 block_len=block_len,
                 batch_size=batch_size,
                 seed=seed,
+                progress=partial(tqdm, desc="perplexity", unit="row", leave=False),
             )
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--perplexity") from exc
@@ -138,6 +145,21 @@ def eval_command(
     if output is not None:
         write_json(results, output)
         typer.echo(f"wrote {output}")
+
+
+def check_same_tokenizer(tokenizer, ref_tokenizer, model: str, reference: str) -> None:
+    """Refuse a reference whose tokenizer maps tokens to other ids than the model's:
+    their logits would be compared position by position over different vocabularies."""
+    vocab, ref_vocab = tokenizer.get_vocab(), ref_tokenizer.get_vocab()
+    if vocab == ref_vocab:
+        return
+    differ = sum(vocab.get(token) != ref_vocab.get(token) for token in {*vocab, *ref_vocab})
+    raise typer.BadParameter(
+        f"{reference} does not share the tokenizer of {model}: vocabularies of {len(ref_vocab)} "
+        f"and {len(vocab)} tokens, {differ} tokens have another id or are missing in one; "
+        "compare a model with its own float or base model",
+        param_hint="'--reference'",
+    )
 
 
 def _harness():

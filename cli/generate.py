@@ -1,5 +1,7 @@
 """`dhara-mlx generate` and `dhara-mlx chat`, and the decoding options they share with `serve`."""
 
+import re
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -7,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
+from .hints import blas_hint
 
 
 class Mode(str, Enum):
@@ -52,21 +55,72 @@ SpecK = Annotated[
 System = Annotated[Optional[str], typer.Option(help="System message for the chat template.")]
 
 
-def load_model(path: str):
-    """(model, tokenizer) of ``path``, or a usage error naming it."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether ``path`` names a Hugging Face repo (owner/name) rather than a local folder."""
+    return not Path(path).exists() and HUB_ID.fullmatch(path) is not None
+
+
+def load_model(path: str, param_hint: str = "'--model'"):
+    """(model, tokenizer) of ``path``, or a usage error naming what is wrong.
+
+    A local folder is checked first (``optiq_dhara.checkpoint.load``): a folder
+    that is not a dhara checkpoint, a missing or corrupt config.json or
+    tokenizer, weights that do not fit the config, each get a message naming the
+    file; a Hugging Face repo id is downloaded by mlx-lm and must hold a dhara.
+    """
     import mlx_lm
 
     import optiq_dhara  # noqa: F401  (registers dhara with mlx-lm)
+    from optiq_dhara.checkpoint import load as checked_load
+    from optiq_dhara.model import Model
 
+    blas_hint()
+    if not is_hub_id(path):
+        try:
+            return checked_load(path)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint=param_hint) from exc
     try:
-        return mlx_lm.load(path)
+        model, tokenizer = mlx_lm.load(path)
     except Exception as exc:
-        hint = (
-            "" if Path(path).exists() else " (no such directory, nor a reachable Hugging Face repo)"
-        )
         raise typer.BadParameter(
-            f"could not load a model from {path!r}{hint}: {exc}", param_hint="'--model'"
+            f"could not load a model from {path!r} (no such directory, nor a reachable "
+            f"Hugging Face repo): {exc}",
+            param_hint=param_hint,
         ) from exc
+    if not isinstance(model, Model):
+        raise typer.BadParameter(
+            f"{path!r} is a {type(model).__module__.rsplit('.', 1)[-1]} model, not a dhara "
+            "checkpoint (model_type dhara_ar)",
+            param_hint=param_hint,
+        )
+    return model, tokenizer
+
+
+def read_prompt(text: str) -> str:
+    """The prompt option's text; ``-`` reads it from standard input."""
+    return sys.stdin.read() if text == "-" else text
+
+
+def check_context(model, prompt_tokens: int, max_tokens: int, param_hint: str = "--max-tokens"):
+    """Refuse a prompt plus generation longer than the model's context
+    (``max_position_embeddings`` of config.json, when it has one)."""
+    limit = getattr(model.args, "max_position_embeddings", None)
+    if limit and prompt_tokens + max_tokens > limit:
+        raise typer.BadParameter(
+            context_message(prompt_tokens, max_tokens, limit), param_hint=param_hint
+        )
+
+
+def context_message(prompt_tokens: int, max_tokens: int, limit: int) -> str:
+    return (
+        f"a prompt of {prompt_tokens} tokens plus {max_tokens} new tokens is "
+        f"{prompt_tokens + max_tokens} tokens, beyond the model's context of {limit} "
+        "(max_position_embeddings in its config.json): shorten the prompt or lower --max-tokens"
+    )
 
 
 def describe_modes(model) -> str:
@@ -150,7 +204,9 @@ def _decoding(
 @app.command()
 def generate(
     model: ModelPath,
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")],
+    prompt: Annotated[
+        str, typer.Option("--prompt", "-p", help="The prompt text; - reads it from stdin.")
+    ],
     mode: ModeOption = None,
     chat: Annotated[
         bool, typer.Option(help="Wrap the prompt as a user message in the chat template.")
@@ -172,7 +228,9 @@ def generate(
 ) -> None:
     """Generate from a prompt, streaming the text; a stats line follows on stderr."""
     from optiq_dhara.runtime import stream_text
+    from optiq_dhara.runtime.text import encode_prompt
 
+    prompt = read_prompt(prompt)
     loaded, tokenizer = load_model(model)
     mode = pick_mode(mode, loaded)
     if loaded.args.mask_token_id is None:  # say why the default is ar
@@ -181,6 +239,7 @@ def generate(
     if chat:
         source = [{"role": "system", "content": system}] if system else []
         source.append({"role": "user", "content": prompt})
+    check_context(loaded, len(encode_prompt(tokenizer, source, chat=chat)), max_tokens)
     chunks = stream_text(
         loaded,
         tokenizer,
@@ -248,11 +307,17 @@ def chat(
             k,
         ),
     )
+    limit = loaded.args.max_position_embeddings
+    if limit and max_tokens >= limit:
+        check_context(loaded, 1, max_tokens)  # no turn could fit: refused at once
     typer.echo(f"chatting with {model} in {session.mode} mode ({describe_modes(loaded)}); {HELP}")
     while True:
         try:
             line = input("> ").strip()
         except EOFError:
+            break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt leaves
+            typer.echo()
             break
         if line in ("/quit", "/exit"):
             break
@@ -264,4 +329,38 @@ def chat(
             except ValueError as exc:
                 typer.echo(str(exc), err=True)
             continue
-        _print_reply(session.reply(line))
+        if not _turn_fits(session, tokenizer, line, max_tokens):
+            continue
+        _chat_reply(session, line)
+
+
+def _turn_fits(session, tokenizer, line: str, max_tokens: int) -> bool:
+    """Whether the history, this turn and the reply fit the model's context; says why not."""
+    from optiq_dhara.runtime.text import encode_prompt
+
+    limit = session.model.args.max_position_embeddings
+    if not limit:
+        return True
+    messages = session.history + [{"role": "user", "content": line}]
+    tokens = len(encode_prompt(tokenizer, messages, chat=True))
+    if tokens + max_tokens <= limit:
+        return True
+    typer.echo(
+        f"{context_message(tokens, max_tokens, limit)}; /reset forgets the history", err=True
+    )
+    return False
+
+
+def _chat_reply(session, line: str) -> None:
+    """Stream one reply; Ctrl-C ends the reply (what was written stays in the history),
+    not the chat."""
+    from optiq_dhara.runtime import PrefixCache
+
+    chunks = session.reply(line)
+    try:
+        _print_reply(chunks)
+    except KeyboardInterrupt:
+        chunks.close()  # records the partial answer in the history
+        session.prefix_cache = PrefixCache()  # an interrupted step may have left it half-made
+        typer.echo()
+        typer.echo("[interrupted]", err=True)

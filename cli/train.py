@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
+from .hints import blas_hint
 
 DiffusionWeight = Annotated[
     float,
@@ -31,6 +32,12 @@ Iters = Annotated[int, typer.Option(min=1, help="Training steps.")]
 StepsPerReport = Annotated[int, typer.Option(min=1, help="Steps between loss reports.")]
 StepsPerEval = Annotated[int, typer.Option(min=1, help="Steps between validations.")]
 SeedOption = Annotated[int, typer.Option(help="Seed of the noise, batches and initialization.")]
+Force = Annotated[
+    bool,
+    typer.Option(
+        help="Replace an existing output folder (never the model, adapters, tokenizer or data)."
+    ),
+]
 
 
 class Objective(str, Enum):
@@ -75,7 +82,12 @@ def lora(
     iters: Iters = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="Sequences per step.")] = 4,
     learning_rate: Annotated[float, typer.Option(min=0.0, help="Adam learning rate.")] = 1e-5,
-    num_layers: Annotated[int, typer.Option(help="LoRA on the last N layers; -1 for all.")] = 16,
+    num_layers: Annotated[
+        Optional[int],
+        typer.Option(
+            help="LoRA on the last N layers; -1 for all (default: 16, or all of a smaller model)."
+        ),
+    ] = None,
     mask_prompt: Annotated[
         bool, typer.Option(help="Train on completions only (chat, prompt/completion).")
     ] = False,
@@ -100,6 +112,7 @@ def lora(
     import optiq_dhara  # noqa: F401  (registers dhara with mlx-lm)
     from optiq_dhara.train.lora import LoraConfig, run_lora
 
+    blas_hint()
     config = LoraConfig(
         objective=objective.value,
         rank=rank,
@@ -133,8 +146,12 @@ def fuse(
     dequantize: Annotated[
         bool, typer.Option(help="Write float weights instead of re-quantizing.")
     ] = False,
+    force: Force = False,
 ) -> None:
-    """Fold LoRA adapters into the model; quantized layers keep their bits."""
+    """Fold LoRA adapters into the model; quantized layers keep their bits.
+
+    The fused model is written atomically to --save-path, which may not be the base
+    model's folder (nor inside it); an existing one is replaced only with --force."""
     import optiq_dhara  # noqa: F401  (registers dhara with mlx-lm)
     from optiq_dhara.train.lora import fuse as fuse_adapters
 
@@ -142,7 +159,7 @@ def fuse(
         raise typer.BadParameter(
             f"no adapter_config.json in {adapter_path}", param_hint="'--adapter-path'"
         )
-    _library_errors(lambda: fuse_adapters(model, adapter_path, save_path, dequantize))
+    _library_errors(lambda: fuse_adapters(model, adapter_path, save_path, dequantize, force))
     typer.echo(f"fused model saved to {save_path}")
 
 
@@ -177,11 +194,17 @@ def train_command(
     steps_per_report: StepsPerReport = 10,
     steps_per_eval: StepsPerEval = 200,
     seed: SeedOption = 0,
+    force: Force = False,
 ) -> None:
-    """Full-parameter training on a text corpus with the joint loss (RoPE frequencies stay frozen)."""
+    """Full-parameter training on a text corpus with the joint loss (RoPE frequencies stay frozen).
+
+    The model is written atomically to --out at the end; an existing --out is
+    refused before training unless --force."""
     import optiq_dhara  # noqa: F401  (registers dhara with mlx-lm)
     from optiq_dhara.train.full import run
     from optiq_dhara.train.trainer import TrainConfig
+
+    blas_hint()
 
     settings = TrainConfig(
         iters=iters,
@@ -208,6 +231,7 @@ def train_command(
             held_out=held_out,
             train_config=settings,
             report=_report,
+            force=force,
         )
     )
     typer.echo(f"model saved to {out}")

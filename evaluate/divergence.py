@@ -5,12 +5,13 @@ uses the same function); this module only turns a text file into token rows and
 runs it in AR and in diffusion mode (AR alone for a model without a MASK token).
 """
 
+import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from optiq_dhara.metrics import compare, scoring_modes
+from optiq_dhara.metrics import Agreement, compare, scoring_modes
 
 
 def text_rows(tokenizer, path: Path, seq_len: int) -> mx.array:
@@ -40,6 +41,7 @@ def divergence(
     block_len: int = 32,
     batch_size: int = 4,
     seed: int = 0,
+    progress: Optional[Callable] = None,
 ) -> dict:
     """``metrics.compare`` in each mode: ``{mode: {mean_kl, top1_agreement, ...}}``.
 
@@ -47,6 +49,8 @@ def divergence(
     and diffusion with a MASK token); diffusion asked of a model without one is
     refused before any forward. With ``reference`` None the model is its own
     reference: KL 0, agreement 1, and the perplexity is the model's own.
+    ``progress``, a tqdm-like class, is called as ``progress(total=rows x modes)``
+    and its bar is updated after every batch.
     """
     if reference is not None and reference.args.vocab_size != model.args.vocab_size:
         raise ValueError(
@@ -57,21 +61,51 @@ def divergence(
     if "diffusion" in modes:
         model.args.require_mask("diffusion scoring")
     results = {}
-    for mode in modes:
-        agreement = compare(
-            model,
-            reference if reference is not None else model,
-            tokens,
-            mode,
-            block_len=block_len,
-            seed=seed,
-            batch_size=batch_size,
-        )
-        results[mode] = {
-            **agreement.as_dict(),
-            "perplexity_ratio": agreement.perplexity / agreement.reference_perplexity,
-        }
+    rows = tokens.shape[0]
+    bar = progress(total=rows * len(modes)) if progress is not None else None
+    try:
+        for mode in modes:
+            parts = []
+            for start in range(0, rows, batch_size):  # compare's batches, one at a time
+                parts.append(
+                    compare(
+                        model,
+                        reference if reference is not None else model,
+                        tokens[start : start + batch_size],
+                        mode,
+                        block_len=block_len,
+                        seed=seed + start,
+                        batch_size=batch_size,
+                    )
+                )
+                if bar is not None:
+                    bar.update(min(batch_size, rows - start))
+            agreement = merge(parts)
+            results[mode] = {
+                **agreement.as_dict(),
+                "perplexity_ratio": agreement.perplexity / agreement.reference_perplexity,
+            }
+    finally:
+        if bar is not None:
+            bar.close()
     return results
+
+
+def merge(parts: Sequence[Agreement]) -> Agreement:
+    """One Agreement over the positions of all ``parts`` (per-position means weighted)."""
+    count = sum(p.positions for p in parts)
+
+    def mean(values) -> float:
+        return sum(v * p.positions for v, p in zip(values, parts)) / count
+
+    return Agreement(
+        mode=parts[0].mode,
+        positions=count,
+        mean_kl=mean(p.mean_kl for p in parts),
+        top1_agreement=mean(p.top1_agreement for p in parts),
+        perplexity=math.exp(mean(math.log(p.perplexity) for p in parts)),
+        reference_perplexity=math.exp(mean(math.log(p.reference_perplexity) for p in parts)),
+    )
 
 
 def text_divergence(
@@ -85,8 +119,10 @@ def text_divergence(
     batch_size: int = 4,
     seed: int = 0,
     modes: Optional[Sequence[str]] = None,
+    progress: Optional[Callable] = None,
 ) -> dict:
-    """The text file's rows, then ``divergence`` on them; also records the file and sizes."""
+    """The text file's rows, then ``divergence`` on them (``progress`` as there); also
+    records the file and sizes."""
     tokens = text_rows(tokenizer, path, seq_len)
     report = divergence(
         model,
@@ -96,5 +132,6 @@ def text_divergence(
         block_len=block_len,
         batch_size=batch_size,
         seed=seed,
+        progress=progress,
     )
     return {"file": str(path), "rows": tokens.shape[0], "seq_len": tokens.shape[1], **report}

@@ -81,6 +81,26 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
         raise ValueError(f"the dhara checkpoint does not match its config.json:\n  {listed}")
 
 
+def read_config(file: Union[str, Path]) -> dict:
+    """A dhara config.json, or a ValueError naming the file and what is wrong with it."""
+    file = Path(file)
+    if not file.is_file():
+        raise ValueError(f"{file}: no such config.json")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"{file} cannot be read as JSON: {e}; restore it from the model it came from"
+        ) from e
+    found = config.get("model_type") if isinstance(config, dict) else None
+    if found != MODEL_TYPE:
+        raise ValueError(
+            f"{file}: model_type is {found!r}, not {MODEL_TYPE!r}: this is not a dhara "
+            "checkpoint (dhara-mlx runs dhara models only; `mlx_lm` runs the others)"
+        )
+    return config
+
+
 def check_directory(path: Union[str, Path]) -> dict:
     """config.json of a dhara checkpoint directory, after checking what loading needs."""
     path = Path(path)
@@ -92,26 +112,51 @@ def check_directory(path: Union[str, Path]) -> dict:
             f"{path} has no config.json: a dhara checkpoint directory holds config.json "
             "and model*.safetensors"
         )
-    try:
-        config = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file} cannot be read as JSON: {e}") from e
-    found = config.get("model_type") if isinstance(config, dict) else None
-    if found != MODEL_TYPE:
-        raise ValueError(
-            f"{file}: model_type is {found!r}, not {MODEL_TYPE!r}: this is not a dhara checkpoint"
-        )
+    config = read_config(file)
     if not any(path.glob("model*.safetensors")):
         raise ValueError(f"{path} has no model*.safetensors weights")
     return config
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+JSON_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def check_tokenizer(path: Union[str, Path]) -> None:
+    """Raise ValueError unless ``path`` holds a tokenizer whose JSON files parse."""
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): copy the "
+            "tokenizer files of the model it was made from into it"
+        )
+    for name in JSON_TOKENIZER_FILES:
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"{file} cannot be read as JSON: {e}; copy it again from the model it came from"
+            ) from e
+
+
 def load(path: Union[str, Path], **kwargs):
     """``mlx_lm.load`` of a local dhara checkpoint directory, checked first.
 
-    Returns what ``mlx_lm.load`` returns, (model, tokenizer) by default.
+    Returns what ``mlx_lm.load`` returns, (model, tokenizer) by default. Every
+    failure is a ValueError naming the directory or file: not a dhara checkpoint
+    (model_type), no or unreadable config.json, no weights, no or unreadable
+    tokenizer, weights that do not match the config.
     """
     import mlx_lm
 
     check_directory(path)
-    return mlx_lm.load(str(path), **kwargs)
+    check_tokenizer(path)
+    try:
+        return mlx_lm.load(str(path), **kwargs)
+    except ValueError as e:  # ours (config, weights against config): add the folder
+        raise ValueError(f"{path}: {e}") from e
+    except Exception as e:  # the libraries' own errors (safetensors, tokenizers, ...)
+        raise ValueError(f"{path}: loading failed: {type(e).__name__}: {e}") from e

@@ -1,12 +1,17 @@
 """Shared fixtures: the golden checkpoint (copied from the independent reference)."""
 
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 
 import optiq_dhara  # noqa: F401  (registers dhara with mlx-lm)
+
+# The commands' fast-BLAS hint (cli/hints.py) depends on the machine; tests that
+# check it turn it back on themselves.
+os.environ.setdefault("DHARA_NO_BLAS_HINT", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_DIR = FIXTURES / "golden_tiny"

@@ -4,7 +4,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -58,3 +58,65 @@ def save_model_dir(model: nn.Module, config: dict, out_dir: Path, tokenizer_dir:
         source = Path(tokenizer_dir) / name
         if source.is_file():
             atomic_write(out_dir / name, lambda temp, source=source: shutil.copyfile(source, temp))
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(
+    out: Path,
+    force: bool,
+    *,
+    option: str,
+    checkpoints: Iterable[tuple[str, Optional[Path]]] = (),
+    inputs: Iterable[tuple[str, Optional[Path]]] = (),
+) -> bool:
+    """Refuse an output folder that would write over what the command reads.
+
+    ``checkpoints`` (name, folder): the output may be neither such a folder, nor
+    inside it, nor around it. ``inputs`` (name, file or folder): the output may
+    not be it nor hold it. An existing output (other than an empty folder) is
+    refused unless ``force``; with ``force`` it is replaced, never the inputs.
+    Returns whether the output exists, i.e. is to be replaced.
+    """
+    out = Path(out)
+    target = out.resolve()
+    for name, folder in checkpoints:
+        if folder is None:
+            continue
+        source = Path(folder).resolve()
+        if _within(target, source) or _within(source, target):
+            where = (
+                "is" if target == source else "is inside" if _within(target, source) else "holds"
+            )
+            raise ValueError(
+                f"{option} {out} {where} {name} ({folder}), which the command reads and must "
+                f"not write into; give another {option}"
+            )
+    for name, path in inputs:
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if _within(source, target):
+            where = "is" if target == source else "holds"
+            raise ValueError(
+                f"{option} {out} {where} {name} ({path}), which the command reads and must "
+                f"not write over; give another {option}"
+            )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {out} is a file, not a folder; give another {option}")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ValueError(f"{option} {out} already exists: pass --force to replace it")
+    return out.exists()
+
+
+def save_model_atomic(
+    model: nn.Module, config: dict, out_dir: Path, tokenizer_dir: Path, replace: bool
+) -> None:
+    """``save_model_dir`` into a fresh folder that then becomes ``out_dir`` (replacing
+    it when ``replace``): the output appears complete or not at all."""
+    from optiq_dhara.convert.writer import atomic_directory
+
+    with atomic_directory(Path(out_dir), replace) as temp:
+        save_model_dir(model, config, temp, tokenizer_dir)

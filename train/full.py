@@ -12,7 +12,9 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .checkpoint import freeze_rope, model_from_config, save_model_dir
+from optiq_dhara.checkpoint import check_directory, read_config
+
+from .checkpoint import check_output, freeze_rope, model_from_config, save_model_atomic
 from .data import encode_documents, tiled_batches, window_batches
 from .loss import require_joint
 from .trainer import TrainConfig, evaluate_losses, train
@@ -89,6 +91,7 @@ def open_start(model: Optional[Path], config: Optional[Path]) -> tuple[nn.Module
             "give exactly one of --model (a checkpoint folder) or --config (a config.json)."
         )
     if model is not None:
+        check_directory(model)
         loaded, settings = load_model(Path(model))
         if "quantization" in settings:
             raise ValueError(
@@ -97,7 +100,7 @@ def open_start(model: Optional[Path], config: Optional[Path]) -> tuple[nn.Module
                 "train a float checkpoint (convert without --target-bpw)."
             )
         return loaded, settings, Path(model)
-    settings = json.loads(Path(config).read_text())
+    settings = read_config(config)
     return model_from_config(settings), settings, Path(config).parent
 
 
@@ -112,8 +115,25 @@ def run(
     held_out: float = 0.05,
     train_config: TrainConfig = TrainConfig(),
     report: Callable[[dict], None] = print,
+    force: bool = False,
 ) -> list[dict]:
-    """``dhara-mlx train``: open, tokenize the corpus, train, save to ``out_dir``."""
+    """``dhara-mlx train``: open, tokenize the corpus, train, save to ``out_dir``.
+
+    ``out_dir`` is written atomically at the end; it may not be (or hold) the
+    starting checkpoint, config, tokenizer or corpus, and an existing one is
+    replaced only with ``force``.
+    """
+    replace_out = check_output(
+        out_dir,
+        force,
+        option="--out",
+        checkpoints=[("the --model checkpoint", model)],
+        inputs=[
+            ("the --config file's folder", Path(config).parent if config else None),
+            ("the --tokenizer folder", tokenizer),
+            ("the --data corpus", data),
+        ],
+    )
     network, settings, tokenizer_dir = open_start(model, config)
     require_joint(network, train_config.diffusion_weight)  # before the corpus is read
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else tokenizer_dir
@@ -125,7 +145,9 @@ def run(
     train_ids, valid_ids = split_held_out(ids, held_out)
 
     def save(step: int) -> None:
-        save_model_dir(network, settings, out_dir, tokenizer_dir)
+        nonlocal replace_out
+        save_model_atomic(network, settings, out_dir, tokenizer_dir, replace_out)
+        replace_out = True  # a later save replaces this one
 
     return train_full(
         network,

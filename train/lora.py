@@ -8,17 +8,19 @@ re-quantizes each layer with its own bits and group size.
 """
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from mlx_lm.utils import dequantize_model, load
+from mlx_lm.utils import dequantize_model
 
-from .checkpoint import atomic_write, save_model_dir
+from optiq_dhara.checkpoint import load
+
+from .checkpoint import atomic_write, check_output, save_model_atomic
 from .data import dataset_batches, load_jsonl_splits
 from .loss import BLOCK_CONTEXT, BLOCK_LEN, DIFFUSION_WEIGHT, require_joint
 from .modes import spec_accepted_per_round
@@ -33,7 +35,7 @@ class LoraConfig:
     rank: int = 8
     scale: float = 20.0
     dropout: float = 0.0
-    num_layers: int = 16  # the last N layers; -1 for all
+    num_layers: Optional[int] = None  # the last N layers; -1 for all; None: min(16, layers)
     iters: int = 1000
     batch_size: int = 4
     learning_rate: float = 1e-5
@@ -65,8 +67,20 @@ class LoraConfig:
         return self.diffusion_weight if self.objective == "joint" else 0.0
 
 
+DEFAULT_LAYERS = 16
+
+
+def resolve_layers(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """``config`` with ``num_layers`` set: None becomes min(16, the model's layers)."""
+    if config.num_layers is not None:
+        return config
+    return replace(config, num_layers=min(DEFAULT_LAYERS, len(model.layers)))
+
+
 def add_lora(model: nn.Module, config: LoraConfig) -> None:
-    """Freeze the model and put LoRA on the linear layers of its last ``num_layers`` layers."""
+    """Freeze the model and put LoRA on the linear layers of its last ``num_layers`` layers
+    (None: the last 16, or all of a smaller model)."""
+    config = resolve_layers(model, config)
     if config.num_layers > len(model.layers):
         raise ValueError(
             f"num_layers {config.num_layers} > the model's {len(model.layers)} layers; "
@@ -160,7 +174,8 @@ def run_lora(
     Returns the trained model (with its LoRA layers) and every report.
     """
     config.validate()
-    model, tokenizer = load(str(model_path))
+    model, tokenizer = load(model_path)
+    config = resolve_layers(model, config)
     require_joint(model, config.weight)  # the joint objective needs MASK: refused before work
     splits = load_jsonl_splits(Path(data_dir), tokenizer, config.mask_prompt)
     for name, split in splits.items():
@@ -202,11 +217,25 @@ def run_lora(
     return model, history
 
 
-def fuse(model_path: Path, adapter_path: Path, out_dir: Path, dequantize: bool = False) -> None:
-    """Fold the adapters into the weights; quantized layers keep their bits and group size."""
-    model, tokenizer, config = load(
-        str(model_path), adapter_path=str(adapter_path), return_config=True
+def fuse(
+    model_path: Path,
+    adapter_path: Path,
+    out_dir: Path,
+    dequantize: bool = False,
+    force: bool = False,
+) -> None:
+    """Fold the adapters into the weights; quantized layers keep their bits and group size.
+
+    ``out_dir`` is written atomically; it may not be (or be inside) the base model
+    or the adapters, and an existing one is replaced only with ``force``.
+    """
+    replace_out = check_output(
+        out_dir,
+        force,
+        option="--save-path",
+        checkpoints=[("the base model's folder", model_path), ("the adapters", adapter_path)],
     )
+    model, tokenizer, config = load(model_path, adapter_path=str(adapter_path), return_config=True)
     fused = [
         (name, module.fuse(dequantize=dequantize))
         for name, module in model.named_modules()
@@ -219,4 +248,4 @@ def fuse(model_path: Path, adapter_path: Path, out_dir: Path, dequantize: bool =
         config.pop("quantization", None)
         config.pop("quantization_config", None)
     mx.eval(model.parameters())
-    save_model_dir(model, config, Path(out_dir), Path(model_path))
+    save_model_atomic(model, config, Path(out_dir), Path(model_path), replace_out)
