@@ -419,21 +419,28 @@ def _llama3(inv_freq: mx.array, scaling: dict) -> mx.array:
     return mx.where(medium, smoothed, scaled)
 
 
-def dhara_config(source: Llama, dtype: str, kept_scaling: Optional[dict], origin: dict) -> dict:
-    config = {
-        "architectures": ["DharaARForCausalLM"],
-        "model_type": MODEL_TYPE,
+def _shape(source: Llama) -> dict:
+    """The config fields a LLaMA and its graft share."""
+    return {
         "hidden_size": source.hidden_size,
         "num_hidden_layers": source.num_hidden_layers,
         "intermediate_size": source.intermediate_size,
         "num_attention_heads": source.num_attention_heads,
         "num_key_value_heads": source.num_key_value_heads,
         "head_dim": source.head_dim,
-        "vocab_size": source.vocab_size + 1,
-        "mask_token_id": source.vocab_size,
         "rms_norm_eps": source.rms_norm_eps,
         "rope_theta": source.rope_theta,
         "tie_word_embeddings": source.tie_word_embeddings,
+    }
+
+
+def dhara_config(source: Llama, dtype: str, kept_scaling: Optional[dict], origin: dict) -> dict:
+    config = {
+        "architectures": ["DharaARForCausalLM"],
+        "model_type": MODEL_TYPE,
+        **_shape(source),
+        "vocab_size": source.vocab_size + 1,
+        "mask_token_id": source.vocab_size,
         "use_qk_norm": False,
         "use_logit_softcap": False,
         "canon_set": "ABCD",
@@ -523,18 +530,10 @@ def reference_logits(
 
     config = {
         "model_type": "llama",
-        "hidden_size": source.hidden_size,
-        "num_hidden_layers": source.num_hidden_layers,
-        "intermediate_size": source.intermediate_size,
-        "num_attention_heads": source.num_attention_heads,
-        "num_key_value_heads": source.num_key_value_heads,
-        "head_dim": source.head_dim,
+        **_shape(source),
         "vocab_size": source.vocab_size,
-        "rms_norm_eps": source.rms_norm_eps,
-        "rope_theta": source.rope_theta,
         "rope_scaling": source.rope_scaling,
         "max_position_embeddings": source.max_position_embeddings,
-        "tie_word_embeddings": source.tie_word_embeddings,
     }
     model = llama.Model(llama.ModelArgs.from_dict(config))
     vocab = source.vocab_size

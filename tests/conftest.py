@@ -38,3 +38,14 @@ def golden_model():
 
     model, _ = load_model(GOLDEN_DIR)
     return model
+
+
+def write_tokenizer_without_mask(golden_dir: Path, path: Path, vocab: int = 316) -> None:
+    """The golden tokenizer without its <|mask|> (ids below ``vocab``), chat template kept."""
+    tokenizer = json.loads((golden_dir / "tokenizer.json").read_text())
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] < vocab]
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    settings = json.loads((golden_dir / "tokenizer_config.json").read_text())
+    del settings["mask_token"]
+    settings["additional_special_tokens"].remove("<|mask|>")
+    (path / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))

@@ -18,6 +18,7 @@ import httpx
 import mlx.core as mx
 import mlx_lm
 import pytest
+from conftest import write_tokenizer_without_mask
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 from typer.testing import CliRunner
@@ -49,13 +50,7 @@ def ar_only_copy(golden_dir: Path, path: Path, **config_changes) -> Path:
     weights = mx.load(str(golden_dir / "model.safetensors"))
     weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:VOCAB]
     mx.save_safetensors(str(path / "model.safetensors"), weights)
-    tokenizer = json.loads((golden_dir / "tokenizer.json").read_text())
-    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] < VOCAB]
-    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
-    settings = json.loads((golden_dir / "tokenizer_config.json").read_text())
-    del settings["mask_token"]
-    settings["additional_special_tokens"].remove("<|mask|>")
-    (path / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+    write_tokenizer_without_mask(golden_dir, path, VOCAB)
     return path
 
 

@@ -17,6 +17,7 @@ import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from conftest import write_tokenizer_without_mask
 from mlx.utils import tree_flatten
 from mlx_lm.generate import generate_step
 from mlx_lm.models import llama
@@ -74,13 +75,7 @@ def invoke(*args):
 
 def write_tokenizer(golden_dir: Path, path: Path) -> None:
     """The golden tokenizer without its <|mask|> (ids 0..315), chat template kept."""
-    tokenizer = json.loads((golden_dir / "tokenizer.json").read_text())
-    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if t["id"] < VOCAB]
-    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
-    settings = json.loads((golden_dir / "tokenizer_config.json").read_text())
-    del settings["mask_token"]
-    settings["additional_special_tokens"].remove("<|mask|>")
-    (path / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
+    write_tokenizer_without_mask(golden_dir, path, VOCAB)
 
 
 def make_llama(golden_dir: Path, path: Path, seed: int = 0, **changes) -> Path:
