@@ -57,6 +57,39 @@ def serve(
         ),
     ] = True,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    max_body_bytes: Annotated[
+        int,
+        typer.Option(min=1, help="Largest request body in bytes; a larger one gets HTTP 413."),
+    ] = 8 << 20,
+    body_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.001, help="Seconds a client has to send its whole request body, else HTTP 408."
+        ),
+    ] = 30.0,
+    max_connections: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1, help="Open connections served at once; more get HTTP 503 (default: no cap)."
+        ),
+    ] = None,
+    allowed_hosts: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--allowed-hosts",
+            metavar="HOST",
+            help="Without --api-key, Host names answered besides localhost, 127.0.0.1, [::1] "
+            "and --host; others get HTTP 403 (DNS rebinding). Repeat it or give a comma "
+            "list; '*' allows any.",
+        ),
+    ] = None,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="Seconds running requests get on Ctrl-C before they end with an error.",
+        ),
+    ] = 10.0,
 ) -> None:
     """Serve POST /v1/chat/completions and /v1/completions, GET /v1/models and /health.
 
@@ -82,6 +115,13 @@ def serve(
             max_queue=max_queue,
             prompt_cache_bytes=prompt_cache_bytes if prefix_cache else 0,
             log_level=log_level,
+            max_body_bytes=max_body_bytes,
+            body_timeout=body_timeout,
+            max_connections=max_connections,
+            allowed_hosts=tuple(
+                h.strip() for value in allowed_hosts or () for h in value.split(",") if h.strip()
+            ),
+            shutdown_timeout=shutdown_timeout,
         )
     except ValueError as exc:  # a --mode the model lacks (run_server checks before serving)
         raise typer.BadParameter(str(exc), param_hint="--mode") from exc

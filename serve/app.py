@@ -31,6 +31,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -41,8 +42,17 @@ from optiq_dhara.runtime.settings import default_mode, require_mode
 from optiq_dhara.runtime.stats import Stats
 from optiq_dhara.runtime.text import encode_prompt
 
-from .engine import BlockStep, QueueFull, Worker
+from .anthropic import routes as anthropic_routes
+from .engine import BlockStep, QueueFull, ShuttingDown, Worker
 from .errors import APIError, from_validation, invalid, server_error
+from .limits import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY_BYTES,
+    Guard,
+    Limits,
+    allowed_hosts,
+    h11_protocol,
+)
 from .responses import Completion, ToolCallStream, sse, tool_result, usage
 from .schemas import ChatCompletionRequest, CompletionRequest, DecodeRequest, Mode
 
@@ -50,6 +60,7 @@ log = logging.getLogger("optiq_dhara.serve")
 
 Handler = Callable[[Request], Awaitable[Response]]
 RETRY_AFTER = 1  # seconds a client told 429 should wait; a batch slot frees every few steps
+MAX_DEPTH = 64  # deepest nesting of a request body (a chat template recurses into tool schemas)
 STATIC = Path(__file__).parent / "static"  # the playground page
 
 
@@ -69,6 +80,17 @@ class ServerConfig:
     api_key: Optional[str] = None
     max_tokens: int = 512
     max_context: int = 8192
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    host: Optional[str] = (
+        None  # the address served: one of the Host names a key-less server answers
+    )
+    allowed_hosts: tuple[str, ...] = ()  # more Host names a key-less server answers ('*': any)
+
+    def limits(self) -> Limits:
+        """The request limits (serve/limits.py); the Host check only without an API key."""
+        hosts = None if self.api_key else allowed_hosts(self.host, self.allowed_hosts)
+        return Limits(self.max_body_bytes, self.body_timeout, hosts)
 
 
 def create_app(worker: Worker, config: ServerConfig) -> Starlette:
@@ -82,8 +104,13 @@ def create_app(worker: Worker, config: ServerConfig) -> Starlette:
         Route("/v1/models", api.guarded(api.models), methods=["GET"]),
         Route("/v1/chat/completions", api.guarded(api.chat), methods=["POST"]),
         Route("/v1/completions", api.guarded(api.completions), methods=["POST"]),
+        *anthropic_routes(api),  # POST /v1/messages (serve/anthropic.py)
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    return Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error},
+        middleware=[Middleware(Guard, limits=config.limits())],
+    )
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
@@ -94,17 +121,48 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 async def _read(request: Request, schema: type[BaseModel]) -> Any:
+    """The body as ``schema``, parsed and validated in a thread (it may be megabytes); the
+    Guard middleware has read it already, within the size and time limits."""
     raw = await request.body()
+    return await asyncio.to_thread(_parse, raw, schema)
+
+
+def _parse(raw: bytes, schema: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw)
+        # a lone surrogate ("\\ud800") is valid JSON but no text: the tokenizer cannot take it
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(
+            f"The request body has a string that is not valid Unicode ({exc.reason}: "
+            f"{exc.object[exc.start : exc.end]!r}); send UTF-8 text.",
+            code="invalid_json",
+        ) from None
     except (ValueError, RecursionError) as exc:
         raise invalid(
             f"The request body is not valid JSON ({exc}); send a JSON object.", code="invalid_json"
         ) from None
+    if _depth(data) > MAX_DEPTH:
+        raise invalid(
+            f"The request body is nested more than {MAX_DEPTH} levels deep.", code="invalid_json"
+        )
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         raise from_validation(exc) from None
+
+
+def _depth(data: Any) -> int:
+    """How deeply lists and objects nest in ``data`` (without recursion)."""
+    deepest, todo = 0, [(data, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, dict):
+            value = list(value.values())
+        if isinstance(value, list):
+            deepest = max(deepest, depth)
+            todo.extend((item, depth + 1) for item in value)
+    return deepest
 
 
 async def _disconnected(request: Request) -> None:
@@ -198,6 +256,8 @@ class _API:
                 return exc.response()
             except QueueFull as exc:
                 return _busy(exc)
+            except ShuttingDown as exc:
+                return APIError(503, str(exc), type="server_error").response()
             except _ClientGone:
                 return Response(status_code=499)  # nobody reads it
             except ValueError as exc:  # the runtime refused an argument
@@ -282,6 +342,8 @@ class _API:
             return await asyncio.to_thread(encode_prompt, tokenizer, prompt, chat=chat, tools=tools)
         except TemplateError as exc:
             raise invalid(f"The chat template rejected the messages: {exc}", "messages") from None
+        except RecursionError:
+            raise invalid("The chat template cannot render messages or tools this deep.") from None
 
     def _budget(self, requested: Optional[int], prompt_tokens: int, prompt_field: str) -> int:
         """max_tokens for the run: the request's, or the server default, within the context."""
@@ -399,6 +461,8 @@ class _API:
             if include_usage:
                 yield sse(reply.usage_chunk(_usage(last, prompt_tokens)))
             yield sse("[DONE]")
+        except ShuttingDown as exc:  # close()'s deadline passed
+            yield sse(APIError(503, str(exc), type="server_error").body())
         except Exception as exc:  # headers are out: report in the stream
             log.exception("stream failed")
             error = invalid(str(exc)) if isinstance(exc, ValueError) else server_error(exc)
@@ -407,8 +471,42 @@ class _API:
             await chunks.aclose()
 
 
+# uvicorn's own limits (run_server): an idle keep-alive connection is closed after
+# KEEP_ALIVE seconds; a request line plus headers may be at most MAX_HEADER_BYTES, sent
+# within HEADER_TIMEOUT seconds.
+KEEP_ALIVE = 5
+MAX_HEADER_BYTES = 64 * 1024
+HEADER_TIMEOUT = 10.0
+SHUTDOWN_TIMEOUT = 10.0  # seconds running requests get when the server is stopped
+
+
+def uvicorn_config(
+    app: Starlette,
+    max_connections: Optional[int] = None,
+    header_timeout: float = HEADER_TIMEOUT,
+    **options,
+):
+    """The uvicorn Config with the server's limits: beyond ``max_connections`` open
+    connections a request gets a 503; idle connections close after KEEP_ALIVE seconds,
+    and connections whose headers take over ``header_timeout`` seconds are closed."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        http=h11_protocol(header_timeout, max_connections),
+        timeout_keep_alive=KEEP_ALIVE,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        **options,
+    )
+
+
 @contextmanager
-def background_server(app: Starlette, host: str = "127.0.0.1") -> Iterator[str]:
+def background_server(
+    app: Starlette,
+    host: str = "127.0.0.1",
+    max_connections: Optional[int] = None,
+    header_timeout: float = HEADER_TIMEOUT,
+) -> Iterator[str]:
     """Serve ``app`` with uvicorn from a thread on a free port; yields the base URL.
 
     For embedding the server in another program (a notebook, a test, a benchmark).
@@ -417,7 +515,9 @@ def background_server(app: Starlette, host: str = "127.0.0.1") -> Iterator[str]:
 
     sock = socket.socket()
     sock.bind((host, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn_config(app, max_connections, header_timeout, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -446,6 +546,12 @@ def run_server(
     max_queue: Optional[int] = None,
     prompt_cache_bytes: int = DEFAULT_BYTES,
     log_level: str = "info",
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    max_connections: Optional[int] = None,
+    allowed_hosts: tuple[str, ...] = (),
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+    header_timeout: float = HEADER_TIMEOUT,
 ) -> None:
     """Load the model on the worker and serve it with uvicorn until interrupted.
 
@@ -453,9 +559,10 @@ def run_server(
     ``mode`` to spec, or ar for a model without a MASK token (a ``mode`` the
     model lacks is refused before serving); ``max_queue`` to 4 x ``max_batch``;
     ``prompt_cache_bytes`` 0 turns the prefix cache off. A line on stderr says
-    which modes the model has.
+    which modes the model has. The request limits (body size and read time,
+    connections, Host names without a key) are described in docs/serving.md; on
+    Ctrl-C the running requests get ``shutdown_timeout`` seconds, then an error.
     """
-    import uvicorn
 
     worker = Worker(
         load, max_batch=max_batch, max_queue=max_queue, prompt_cache_bytes=prompt_cache_bytes
@@ -474,8 +581,49 @@ def run_server(
         file=sys.stderr,
         flush=True,
     )
-    config = ServerConfig(model_id, mode, api_key, max_tokens, context)
+    config = ServerConfig(
+        model_id,
+        mode,
+        api_key,
+        max_tokens,
+        context,
+        max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
+        host=host,
+        allowed_hosts=tuple(allowed_hosts),
+    )
+    options = uvicorn_config(
+        create_app(worker, config),
+        max_connections,
+        header_timeout,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=2 * shutdown_timeout + 1,
+    )
     try:
-        uvicorn.run(create_app(worker, config), host=host, port=port, log_level=log_level)
+        _stopping_server(options, worker, shutdown_timeout).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a clean exit
+        pass
     finally:
-        worker.close()
+        worker.close(shutdown_timeout)
+
+
+def _stopping_server(config: Any, worker: Worker, shutdown_timeout: float) -> Any:
+    """A uvicorn Server that, when stopping, also stops ``worker`` with a deadline: the
+    requests still running after ``shutdown_timeout`` seconds end with an error (an
+    error chunk for a stream, a 503 otherwise), so their connections end and the
+    server exits (uvicorn's own graceful-shutdown timeout is the backstop)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            closing = asyncio.get_running_loop().run_in_executor(
+                None, worker.close, shutdown_timeout
+            )
+            try:
+                await super().shutdown(sockets)
+            finally:
+                await closing
+
+    return Server(config)

@@ -40,6 +40,10 @@ class QueueFull(Exception):
     """Every batch slot and queue place is taken; the client should retry later."""
 
 
+class ShuttingDown(RuntimeError):
+    """The server is stopping: the request was not run, or was cut off at the deadline."""
+
+
 class _Done:
     """Marks the end of a job's output."""
 
@@ -107,6 +111,7 @@ class Worker:
         self._admitted = 0  # requests between admission and their end (event loop only)
         self._rows = 0  # requests in the runtime engine (written by the worker)
         self._ready = threading.Event()
+        self._abort = threading.Event()  # close()'s deadline passed: end the running requests
         self._load_error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="dhara-mlx-worker", daemon=True)
         self.model: Any = None
@@ -122,11 +127,21 @@ class Worker:
             raise self._load_error
         return self
 
-    def close(self) -> None:
-        """Let the worker finish the requests in hand and stop."""
+    def close(self, timeout: Optional[float] = None) -> bool:
+        """Let the worker finish the requests in hand and stop; True once it has stopped.
+
+        With a ``timeout`` (seconds) the requests still running then end with a
+        ShuttingDown error (a stream gets it as an error chunk) at the next step,
+        and the worker is waited for at most ``timeout`` more seconds (a step that
+        hangs cannot be interrupted; the thread is a daemon and dies with the process).
+        """
         if self._thread.is_alive():
             self._jobs.put(None)
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                self._abort.set()
+                self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     @property
     def alive(self) -> bool:
@@ -161,7 +176,7 @@ class Worker:
         from the batch at the next step.
         """
         if not self.alive:
-            raise RuntimeError("The model worker is not running.")
+            raise ShuttingDown("The model worker is not running.")
         if self._admitted >= self.max_batch + self.max_queue:
             raise QueueFull(
                 f"The server is busy: {self.max_batch} requests are decoding and "
@@ -213,6 +228,12 @@ class Worker:
         while accepting or live:
             if accepting:
                 accepting = self._take(engine, live, wait=not live)
+            if self._abort.is_set():
+                for row, job in list(live.items()):
+                    self._drop(engine, live, row)
+                    job.emit(ShuttingDown("The server is shutting down; the request was cut off."))
+                    self.counts["cancelled"] += 1
+                break
             for row in [r for r, job in live.items() if job.cancelled.is_set()]:
                 self._drop(engine, live, row)
                 self.counts["cancelled"] += 1
@@ -220,9 +241,10 @@ class Worker:
             if live:
                 self._hand_out(engine, live, self._step(engine, live))
             self._rows = len(live)
+        self._rows = len(live)
         while not self._jobs.empty():  # requests that came after close()
             if (job := self._jobs.get_nowait()) is not None:
-                job.emit(RuntimeError("The server is shutting down."))
+                job.emit(ShuttingDown("The server is shutting down."))
 
     def _take(self, engine: Engine, live: dict[Row, _Job], wait: bool) -> bool:
         """Add the queued jobs to the batch (waiting for one when ``wait``); False once

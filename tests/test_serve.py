@@ -617,7 +617,9 @@ def wait_until(condition, timeout=10.0):
 
 
 def post(server, path, body, key=KEY):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Content-Type": "application/json"}  # the server takes JSON bodies only
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)  # NaN stays NaN
     return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=60)
 
