@@ -20,8 +20,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from optiq_dhara.runtime.settings import default_mode
-
 from .engine import BlockStep
 from .errors import invalid
 from .responses import ToolCallStream, tool_result
@@ -313,20 +311,9 @@ class Messages:
         api._budget(None, prompt_tokens, "messages")  # the prompt fits the context
         room = api.config.max_context - prompt_tokens
         tools = body.template_tools()
+        max_tokens = min(body.max_tokens, room)  # clients ask for more than a context holds
         chunks = api.worker.stream(
-            ids,
-            mode=body.mode or api.config.mode or default_mode(api.worker.model.args),
-            max_tokens=min(body.max_tokens, room),  # clients ask for more than a context holds
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty,
-            seed=body.seed,
-            stop=tuple(body.stop_sequences),
-            block_len=body.block_len,
-            threshold=body.threshold,
-            k=body.k,
+            ids, **api.decoding_options(body, max_tokens, body.stop_sequences)
         )
         run = _Run(body, api.worker.tokenizer, prompt_tokens, api.config.model_id)
         if not body.stream:

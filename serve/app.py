@@ -25,7 +25,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Optional, Sequence, Union
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
@@ -368,6 +368,24 @@ class _API:
             )
         return requested
 
+    def decoding_options(self, body: Any, max_tokens: int, stop: Sequence[str]) -> dict:
+        """A request body's decoding options for ``Worker.stream``, the same for every API
+        (the mode defaults to the server's, then to the model's)."""
+        return dict(
+            mode=body.mode or self.config.mode or default_mode(self.worker.model.args),
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            stop=tuple(stop),
+            block_len=body.block_len,
+            threshold=body.threshold,
+            k=body.k,
+        )
+
     async def _respond(
         self,
         request: Request,
@@ -378,22 +396,10 @@ class _API:
     ) -> Response:
         prompt_ids = await self._prompt_ids(prompt, reply.chat, tools)
         prompt_tokens = len(prompt_ids)
-        options = dict(
-            mode=body.mode or self.config.mode or default_mode(self.worker.model.args),
-            max_tokens=self._budget(
-                body.token_limit, prompt_tokens, "messages" if reply.chat else "prompt"
-            ),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            top_k=body.top_k,
-            min_p=body.min_p,
-            repetition_penalty=body.repetition_penalty,
-            seed=body.seed,
-            stop=tuple(body.stop),
-            block_len=body.block_len,
-            threshold=body.threshold,
-            k=body.k,
+        budget = self._budget(
+            body.token_limit, prompt_tokens, "messages" if reply.chat else "prompt"
         )
+        options = self.decoding_options(body, budget, body.stop)
         chunks = self.worker.stream(prompt_ids, blocks=body.dhara_blocks and body.stream, **options)
         if not body.stream:
             whole = self._collect(reply, chunks, prompt_tokens, bool(tools), body.dhara_stats)
