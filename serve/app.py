@@ -102,6 +102,7 @@ def create_app(worker: Worker, config: ServerConfig) -> Starlette:
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
         Route("/health", api.health, methods=["GET"]),
         Route("/v1/models", api.guarded(api.models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", api.guarded(api.model), methods=["GET"]),
         Route("/v1/chat/completions", api.guarded(api.chat), methods=["POST"]),
         Route("/v1/completions", api.guarded(api.completions), methods=["POST"]),
         *anthropic_routes(api),  # POST /v1/messages (serve/anthropic.py)
@@ -314,29 +315,96 @@ class _API:
             }
         )
 
-    async def models(self, request: Request) -> Response:
-        model = {
+    def _model_object(self) -> dict:
+        return {
             "id": self.config.model_id,
             "object": "model",
             "created": 0,
             "owned_by": "optiq-dhara",
             "modes": list(self.worker.model.args.modes),  # diffusion and spec need MASK
         }
-        return JSONResponse({"object": "list", "data": [model]})
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_object()]})
+
+    async def model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}`` (models.retrieve): the served model, else a 404."""
+        model_id = request.path_params["model_id"]
+        if model_id != self.config.model_id:
+            raise APIError(
+                404,
+                f"The model '{model_id}' does not exist; this server serves "
+                f"'{self.config.model_id}'.",
+                code="model_not_found",
+            )
+        return JSONResponse(self._model_object())
 
     async def chat(self, request: Request) -> Response:
         body: ChatCompletionRequest = await _read(request, ChatCompletionRequest)
         messages = [message.template_dict() for message in body.messages]
         reply = Completion(True, self.config.model_id)
-        return await self._respond(request, body, messages, reply, body.template_tools())
+        return await self._respond(request, body, [messages], reply, body.template_tools())
 
     async def completions(self, request: Request) -> Response:
         body: CompletionRequest = await _read(request, CompletionRequest)
         reply = Completion(False, self.config.model_id)
-        return await self._respond(request, body, body.prompt, reply, None)
+        if body.echo:
+            return await self._score(request, body, reply)
+        if body.logprobs is not None:
+            raise invalid(
+                "logprobs of generated tokens are not supported; only prompt scoring is: "
+                "send echo: true with logprobs and max_tokens 0 (or 1).",
+                "logprobs",
+            )
+        if body.max_tokens == 0:
+            raise invalid("max_tokens 0 needs echo: true (prompt scoring).", "max_tokens")
+        return await self._respond(request, body, body.prompts, reply, None)
 
-    async def _prompt_ids(self, prompt: Union[str, list[dict]], chat: bool, tools) -> list[int]:
-        """The prompt's token ids, encoded in a thread (a long chat template takes a while)."""
+    async def _score(self, request: Request, body: CompletionRequest, reply: Completion):
+        """echo: each prompt's tokens back, with their log-probabilities when ``logprobs``
+        is set (a causal forward of the prompt on the worker thread), and with
+        max_tokens 1 the greedy next token after them."""
+        if body.stream:
+            raise invalid("echo is not supported with stream.", "stream")
+        if body.max_tokens not in (0, 1):
+            raise invalid(
+                "echo is supported only for prompt scoring: max_tokens 0 or 1.", "max_tokens"
+            )
+        if body.n != 1:
+            raise invalid("echo (prompt scoring) supports only n 1.", "n")
+        extra = body.max_tokens == 1
+        top = body.logprobs or 0
+        choices, prompt_total, completion_total = [], 0, 0
+        for index, prompt in enumerate(body.prompts):
+            ids = await self._prompt_ids(prompt, False, None)
+            if not ids:
+                raise invalid("The prompt has no tokens; nothing to score.", "prompt")
+            if len(ids) + extra > self.config.max_context:
+                raise invalid(
+                    f"This model's maximum context length is {self.config.max_context} "
+                    f"tokens, and the prompt has {len(ids)}; shorten the prompt.",
+                    "prompt",
+                    "context_length_exceeded",
+                )
+            scored = await _unless_gone(request, self.worker.call(_prompt_scorer(ids, top, extra)))
+            choice = await asyncio.to_thread(
+                _score_choice, self.worker.tokenizer, ids, scored, body.logprobs is not None
+            )
+            choice["index"] = index
+            choices.append(choice)
+            prompt_total += len(ids)
+            completion_total += int(extra)
+        whole = reply.whole("", "length", usage(prompt_total, completion_total))
+        whole["choices"] = choices
+        return JSONResponse(whole)
+
+    async def _prompt_ids(
+        self, prompt: Union[str, list[int], list[dict]], chat: bool, tools
+    ) -> list[int]:
+        """The prompt's token ids, encoded in a thread (a long chat template takes a while);
+        token ids are taken as they are (the worker checks them against the vocabulary)."""
+        if isinstance(prompt, list) and all(isinstance(token, int) for token in prompt) and prompt:
+            return list(prompt)
         tokenizer = self.worker.tokenizer
         try:
             return await asyncio.to_thread(encode_prompt, tokenizer, prompt, chat=chat, tools=tools)
@@ -371,11 +439,12 @@ class _API:
     def decoding_options(self, body: Any, max_tokens: int, stop: Sequence[str]) -> dict:
         """A request body's decoding options for ``Worker.stream``, the same for every API
         (the mode defaults to the server's, then to the model's)."""
+        greedy = body.top_p == 0  # top_p 0 keeps only the top token: greedy
         return dict(
             mode=body.mode or self.config.mode or default_mode(self.worker.model.args),
             max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
+            temperature=0.0 if greedy else body.temperature,
+            top_p=1.0 if greedy else body.top_p,
             top_k=body.top_k,
             min_p=body.min_p,
             repetition_penalty=body.repetition_penalty,
@@ -390,20 +459,41 @@ class _API:
         self,
         request: Request,
         body: DecodeRequest,
-        prompt: Union[str, list[dict]],
+        prompts: Sequence[Union[str, list[int], list[dict]]],
         reply: Completion,
         tools: Optional[list[dict]],
     ) -> Response:
-        prompt_ids = await self._prompt_ids(prompt, reply.chat, tools)
+        """Decode each prompt ``n`` times; one streamed row, or all rows collected."""
+        rows = len(prompts) * body.n
+        if body.stream and rows > 1:
+            raise invalid(
+                "stream supports one prompt and n 1; send the prompts (choices) as separate "
+                "requests, or leave stream off.",
+                "n" if body.n > 1 else "prompt",
+            )
+        field = "messages" if reply.chat else "prompt"
+        prepared = []
+        for prompt in prompts:
+            prompt_ids = await self._prompt_ids(prompt, reply.chat, tools)
+            budget = self._budget(body.token_limit, len(prompt_ids), field)
+            prepared.append((prompt_ids, budget))
+        if not body.stream:
+            runs = []
+            for prompt_ids, budget in prepared:
+                for copy in range(body.n):
+                    options = self.decoding_options(body, budget, body.stop)
+                    if body.seed is not None and copy:  # n seeded rows differ, reproducibly
+                        options["seed"] = (body.seed + copy) % 2**64
+                    chunks = self.worker.stream(prompt_ids, **options)
+                    runs.append(
+                        self._collect(reply, chunks, len(prompt_ids), bool(tools), body.dhara_stats)
+                    )
+            wholes = await _unless_gone(request, asyncio.gather(*runs))
+            return JSONResponse(_merge(wholes))
+        prompt_ids, budget = prepared[0]
         prompt_tokens = len(prompt_ids)
-        budget = self._budget(
-            body.token_limit, prompt_tokens, "messages" if reply.chat else "prompt"
-        )
         options = self.decoding_options(body, budget, body.stop)
         chunks = self.worker.stream(prompt_ids, blocks=body.dhara_blocks and body.stream, **options)
-        if not body.stream:
-            whole = self._collect(reply, chunks, prompt_tokens, bool(tools), body.dhara_stats)
-            return JSONResponse(await _unless_gone(request, whole))
         first = await _unless_gone(request, anext(chunks, None))
         events = self._events(
             reply, first, chunks, prompt_tokens, body.include_usage, bool(tools), body.dhara_stats
@@ -475,6 +565,88 @@ class _API:
             yield sse(error.body())
         finally:
             await chunks.aclose()
+
+
+def _merge(wholes: list[dict]) -> dict:
+    """One response from the whole responses of each row: choices in order, usage summed
+    over the rows."""
+    merged = wholes[0]
+    if len(wholes) == 1:
+        return merged
+    choices, completion, prompt, cached = [], 0, 0, 0
+    for index, whole in enumerate(wholes):
+        choice = whole["choices"][0]
+        choice["index"] = index
+        choices.append(choice)
+        counts = whole["usage"]
+        completion += counts["completion_tokens"]
+        prompt += counts["prompt_tokens"]
+        cached += counts["prompt_tokens_details"]["cached_tokens"]
+    merged["choices"] = choices
+    merged["usage"] = usage(prompt, completion, cached)
+    return merged
+
+
+def _prompt_scorer(ids: list[int], top: int, extra: bool) -> Callable[[Any, Any], dict]:
+    """The worker-thread function scoring ``ids``: a causal forward of the prompt (as
+    ``dhara-mlx eval --mode ar`` scores, full-vocabulary softmax), each token's
+    log-probability given the ones before, the ``top`` likeliest tokens at each
+    position, and with ``extra`` the greedy next token after the prompt."""
+
+    def score(model: Any, tokenizer: Any) -> dict:
+        import mlx.core as mx
+
+        if len(ids) < 2 and not extra:  # one token: nothing before it to score it by
+            return {"targets": [], "picked": [], "top": None}
+        logits = model(mx.array([ids]))[0].astype(mx.float32)
+        if not extra:
+            logits = logits[:-1]
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        targets = list(ids[1:])
+        if extra:
+            nxt = mx.argmax(logprobs[-1]).item()
+            targets.append(nxt)
+        picked = mx.take_along_axis(logprobs, mx.array(targets)[:, None], axis=-1)[:, 0]
+        result = {"targets": targets, "picked": picked.tolist(), "top": None}
+        if top and targets:
+            idx = mx.argpartition(-logprobs, kth=top - 1, axis=-1)[:, :top]
+            vals = mx.take_along_axis(logprobs, idx, axis=-1)
+            result["top"] = (idx.tolist(), vals.tolist())
+        return result
+
+    return score
+
+
+def _score_choice(tokenizer: Any, ids: list[int], scored: dict, with_logprobs: bool) -> dict:
+    """A completions choice echoing the prompt (and the greedy next token, if scored),
+    with OpenAI's legacy ``logprobs`` object when asked for."""
+    tokens = list(ids) + scored["targets"][len(ids) - 1 :]
+    pieces = [tokenizer.decode([token]) for token in tokens]
+    text = tokenizer.decode(tokens)
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    logprobs = None
+    if with_logprobs:
+        tops: list[Optional[dict]] = [None]
+        if scored["top"] is not None:
+            for row_ids, row_vals in zip(*scored["top"]):
+                order = sorted(zip(row_vals, row_ids), reverse=True)
+                entry: dict[str, float] = {}
+                for value, token in order:
+                    entry.setdefault(tokenizer.decode([token]), value)
+                tops.append(entry)
+        else:
+            tops += [{} for _ in scored["targets"]]
+        logprobs = {
+            "tokens": pieces,
+            "token_logprobs": [None, *scored["picked"]],
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+    finish = "length" if len(tokens) > len(ids) else "stop"
+    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
 # uvicorn's own limits (run_server): an idle keep-alive connection is closed after

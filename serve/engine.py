@@ -14,6 +14,9 @@ more wait; past that ``stream`` raises ``QueueFull`` (the server answers 429).
 
 A request may also ask for the block of every diffusion step (``blocks``): it
 then gets a ``BlockStep`` after each denoising step, text or no text.
+
+``call`` runs a function of the model on the worker thread between two steps
+(prompt scoring for ``echo`` + ``logprobs``); it is admitted like a request.
 """
 
 import asyncio
@@ -84,6 +87,22 @@ class _Job:
             self.cancelled.set()
 
 
+@dataclass
+class _Call:
+    """A function run on the worker thread between engine steps (scoring)."""
+
+    fn: Callable[[Any, Any], Any]
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:
+            self.cancelled.set()
+
+
 class Worker:
     """Decodes the queued requests together on its own thread, ``max_batch`` at a time."""
 
@@ -107,7 +126,7 @@ class Worker:
         self._load = load
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prompt_cache_bytes = prompt_cache_bytes
-        self._jobs: queue.Queue[Optional[_Job]] = queue.Queue()
+        self._jobs: queue.Queue[Optional[Union[_Job, _Call]]] = queue.Queue()
         self._admitted = 0  # requests between admission and their end (event loop only)
         self._rows = 0  # requests in the runtime engine (written by the worker)
         self._ready = threading.Event()
@@ -200,6 +219,28 @@ class Worker:
             if job is not None:
                 job.cancelled.set()
 
+    async def call(self, fn: Callable[[Any, Any], Any]) -> Any:
+        """``fn(model, tokenizer)`` run on the worker thread between engine steps (MLX
+        work such as scoring a prompt); its result, or its exception raised here."""
+        if not self.alive:
+            raise ShuttingDown("The model worker is not running.")
+        if self._admitted >= self.max_batch + self.max_queue:
+            raise QueueFull(
+                f"The server is busy: {self.max_batch} requests are decoding and "
+                f"{self.max_queue} waiting. Retry shortly."
+            )
+        self._admitted += 1
+        job = _Call(fn, asyncio.get_running_loop(), asyncio.Queue())
+        try:
+            self._jobs.put(job)
+            item = await job.out.get()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        finally:
+            self._admitted -= 1
+            job.cancelled.set()
+
     def _job(self, prompt_ids, stop, options: dict, loop, blocks: bool) -> _Job:
         """A checked request, made off the event loop (the stop set maps the vocabulary)."""
         text = TextStream(self.tokenizer, stop=stop)
@@ -243,7 +284,7 @@ class Worker:
             self._rows = len(live)
         self._rows = len(live)
         while not self._jobs.empty():  # requests that came after close()
-            if (job := self._jobs.get_nowait()) is not None:
+            if (job := self._jobs.get_nowait()) is not None:  # a _Job or a _Call
                 job.emit(ShuttingDown("The server is shutting down."))
 
     def _take(self, engine: Engine, live: dict[Row, _Job], wait: bool) -> bool:
@@ -254,6 +295,13 @@ class Worker:
             while job is not None:
                 if job.cancelled.is_set():  # its client left while it was queued
                     self.counts["cancelled"] += 1
+                elif isinstance(job, _Call):
+                    try:
+                        job.emit(job.fn(self.model, self.tokenizer))
+                        self.counts["completed"] += 1
+                    except Exception as exc:
+                        job.emit(exc)
+                        self.counts["failed"] += 1
                 else:
                     try:
                         live[engine.add(job.prompt, job.settings, job.sampling)] = job

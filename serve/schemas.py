@@ -3,8 +3,9 @@
 Every bound a decode needs is checked here, so a request that passes validation
 cannot fail inside the worker for a reason the client could have avoided.
 Unknown fields are ignored (clients send many optional OpenAI fields); the ones
-that would change the answer and are not supported (``n`` > 1, ``logprobs``)
-are refused rather than silently dropped.
+that would change the answer and are not supported (chat ``logprobs``, logprobs of
+generated text) are refused rather than silently dropped (docs/serving.md has the
+per-field table).
 """
 
 from typing import Annotated, Any, Literal, Optional, Union
@@ -12,6 +13,9 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Mode = Literal["ar", "diffusion", "spec"]
+MAX_N = 16  # most choices one request may ask for
+MAX_PROMPTS = 256  # most prompts in one text-completion request
+MAX_LOGPROBS = 20  # most top_logprobs per token (OpenAI's limit)
 
 
 class StreamOptions(BaseModel):
@@ -26,7 +30,7 @@ class DecodeRequest(BaseModel):
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: greedy (decoding_options)
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
@@ -38,7 +42,7 @@ class DecodeRequest(BaseModel):
     block_len: int = Field(32, ge=1, le=1024)
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     k: int = Field(8, ge=2, le=256)
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
     dhara_stats: bool = False  # extension: a "dhara" object with the run's stats on each chunk
     dhara_blocks: bool = False  # extension: stream each diffusion step's block (docs/serving.md)
     logprobs: Optional[Union[bool, int]] = None
@@ -50,13 +54,6 @@ class DecodeRequest(BaseModel):
         if stop is None:
             return []
         return [stop] if isinstance(stop, str) else stop
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, logprobs):
-        if logprobs:
-            raise ValueError("logprobs are not supported by this server")
-        return logprobs
 
     @property
     def include_usage(self) -> bool:
@@ -122,6 +119,16 @@ class ChatCompletionRequest(DecodeRequest):
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
     max_completion_tokens: Optional[int] = Field(None, ge=1)
 
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs):
+        if logprobs:
+            raise ValueError(
+                "logprobs are not supported for chat completions; score a prompt with "
+                "/v1/completions (echo, logprobs, max_tokens 0)"
+            )
+        return logprobs
+
     def template_tools(self) -> Optional[list[dict]]:
         """The tools for the chat template, or None when there are none or they are off."""
         if not self.tools or self.tool_choice == "none":
@@ -133,5 +140,35 @@ class ChatCompletionRequest(DecodeRequest):
         return self.max_completion_tokens or self.max_tokens
 
 
+TokenIds = list[Annotated[int, Field(ge=0)]]
+
+
 class CompletionRequest(DecodeRequest):
-    prompt: str
+    """A text completion; ``prompt`` is text, token ids, or a batch of either."""
+
+    prompt: Union[str, TokenIds, list[Union[str, TokenIds]]]
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0: only score the prompt (echo)
+    echo: bool = False
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_batch(cls, prompt):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("the prompt is empty")
+        return prompt
+
+    @property
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """Each prompt of the request: text or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+    @property
+    def scoring(self) -> bool:
+        """Echo with logprobs: the prompt tokens' log-probabilities are asked for."""
+        return self.echo and self.logprobs is not None

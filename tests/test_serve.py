@@ -682,7 +682,10 @@ def post(server, path, body, key=KEY):
             "context_length_exceeded",
         ),
         ("/v1/completions", {"prompt": "", "stream": True}, 400, None, None),
-        ("/v1/completions", {"prompt": "x", "n": 3}, 400, "n", "invalid_value"),
+        ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n", "invalid_value"),
+        ("/v1/completions", {"prompt": "x", "n": 2, "stream": True}, 400, "n", None),
+        ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs", None),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", None),
     ],
 )
 def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, path, body, status, param, code):
