@@ -194,14 +194,7 @@ class Worker:
         Leaving the iteration early (a disconnect cancels it) drops the request
         from the batch at the next step.
         """
-        if not self.alive:
-            raise ShuttingDown("The model worker is not running.")
-        if self._admitted >= self.max_batch + self.max_queue:
-            raise QueueFull(
-                f"The server is busy: {self.max_batch} requests are decoding and "
-                f"{self.max_queue} waiting. Retry shortly."
-            )
-        self._admitted += 1
+        self._admit()
         job = None
         try:
             loop = asyncio.get_running_loop()
@@ -219,9 +212,8 @@ class Worker:
             if job is not None:
                 job.cancelled.set()
 
-    async def call(self, fn: Callable[[Any, Any], Any]) -> Any:
-        """``fn(model, tokenizer)`` run on the worker thread between engine steps (MLX
-        work such as scoring a prompt); its result, or its exception raised here."""
+    def _admit(self) -> None:
+        """Count one more request in, or refuse it (worker gone, batch and queue full)."""
         if not self.alive:
             raise ShuttingDown("The model worker is not running.")
         if self._admitted >= self.max_batch + self.max_queue:
@@ -230,6 +222,11 @@ class Worker:
                 f"{self.max_queue} waiting. Retry shortly."
             )
         self._admitted += 1
+
+    async def call(self, fn: Callable[[Any, Any], Any]) -> Any:
+        """``fn(model, tokenizer)`` run on the worker thread between engine steps (MLX
+        work such as scoring a prompt); its result, or its exception raised here."""
+        self._admit()
         job = _Call(fn, asyncio.get_running_loop(), asyncio.Queue())
         try:
             self._jobs.put(job)
