@@ -16,7 +16,7 @@ from mlx_lm.models.base import (
     scaled_dot_product_attention,
 )
 
-from .cache import DharaCache
+from .cache import DharaCache, prepare_forward
 from .checkpoint import MODEL_TYPE, check_weights
 from .rope import rope_parameters
 
@@ -329,8 +329,10 @@ class DecoderLayer(nn.Module):
         c = canon("c", self.post_attention_layernorm(h), self.canon_c)
         out = h + self.mlp(c, canon)
         if cache is not None:
-            inputs = mx.concatenate(canon.inputs, axis=-1) if canon.inputs else history[:, :0]
-            out = mx.depends(out, cache.append_canon(history, inputs))
+            inputs = mx.concatenate(canon.inputs, axis=-1) if canon.inputs else x[..., :0]
+            kept = cache.append_canon(history, inputs)
+            if kept is not None:
+                out = mx.depends(out, kept)
         return out
 
 
@@ -347,6 +349,10 @@ class DharaModel(nn.Module):
         )
 
     def __call__(self, inputs, cache=None, mask=None, input_embeddings=None) -> mx.array:
+        if cache is not None and isinstance(cache[0], DharaCache):
+            shape = (input_embeddings if inputs is None else inputs).shape[:2]
+            own_mask = mask is not None or input_embeddings is not None
+            prepare_forward(self, cache, inputs, own_mask, shape)
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)

@@ -70,10 +70,9 @@ class SlotLayer:
         used = owner._used
         return owner.keys[i][:, :, :used], owner.values[i][:, :, :used]
 
-    def append_canon(self, history: mx.array, inputs: mx.array) -> mx.array:
+    def append_canon(self, history: mx.array, inputs: mx.array) -> None:
         """Keep the inputs until ``commit`` takes the rows' tails from them."""
         self._owner._pending[self._index] = (history, inputs)
-        return inputs
 
 
 class SlotCache:

@@ -25,7 +25,8 @@ from mlx_lm.models.cache import (
 from mlx_lm.utils import load_model, load_tokenizer
 
 from optiq_dhara import model as dhara
-from optiq_dhara.cache import DharaCache, trim_layers
+from optiq_dhara import cache as dhara_cache
+from optiq_dhara.cache import DharaCache
 from optiq_dhara.masks import block_causal_mask
 
 TOLERANCE = 1e-5
@@ -79,15 +80,14 @@ def test_trim_then_continue_equals_fresh(golden_model, golden, prefix, decoded, 
     trimmed = trim_prompt_cache(cache, trim)
     assert trimmed == min(trim, total)
     kept = total - trimmed
-    assert all(c.offset == kept and c.canon.size() == kept for c in cache)
+    assert all(c.offset == kept and c.size() == kept for c in cache)
     end = min(kept + more, 29)
     logits = golden_model(ids[:, kept:end], cache=cache)
     assert max_error(logits, golden["ar_logits"][:, kept:end]) <= TOLERANCE
 
 
-@pytest.mark.parametrize("trim", [trim_prompt_cache, trim_layers])
-def test_repeated_trims_like_self_speculation(golden_model, golden, trim):
-    """Forward k tokens, keep some, trim the rest, again and again (per layer or all at once)."""
+def test_repeated_trims_like_self_speculation(golden_model, golden):
+    """Forward k tokens, keep some, trim the rest, again and again."""
     ids, expected = golden["ids_a"], golden["ar_logits"]
     cache = golden_model.make_cache()
     golden_model(ids[:, :6], cache=cache)
@@ -95,7 +95,7 @@ def test_repeated_trims_like_self_speculation(golden_model, golden, trim):
     for window, keep in [(4, 1), (5, 5), (3, 0), (6, 2), (2, 1), (4, 3)]:
         logits = golden_model(ids[:, position : position + window], cache=cache)
         assert max_error(logits, expected[:, position : position + window]) <= TOLERANCE
-        trim(cache, window - keep)
+        trim_prompt_cache(cache, window - keep)
         position += keep
     assert cache[0].offset == position
 
@@ -144,14 +144,6 @@ def test_server_prompt_cache_trims_a_longer_entry(golden_model, golden):
     assert rest == [] and again[0].offset == len(first)
 
 
-def test_cache_bytes_count_the_canon_store(golden_model, golden):
-    cache = golden_model.make_cache()
-    golden_model(golden["ids_a"], cache=cache)
-    layer = cache[0]
-    assert layer.nbytes == layer.kv.nbytes + layer.canon.nbytes
-    assert layer.canon.nbytes > 0
-
-
 @pytest.mark.parametrize("trim_before_save", [0, 5])
 def test_save_load_round_trip_then_continue(golden_model, golden, tmp_path, trim_before_save):
     ids = golden["ids_a"]
@@ -195,12 +187,11 @@ def greedy_with_quantized_kv(model, prompt: mx.array, steps: int, bits: int, zer
     """Plain loop: float prefill, then only the KV quantized (the canon store kept, or emptied)."""
     cache = model.make_cache()
     model(prompt[None, :-1], cache=cache)
-    cache = [
-        DharaCache(
-            c.kv.to_quantized(group_size=32, bits=bits), KVCache() if zero_canon else c.canon
-        )
-        for c in cache
-    ]
+    cache = [c.to_quantized(group_size=32, bits=bits) for c in cache]
+    if zero_canon:
+        cache = [DharaCache(c.kv) for c in cache]
+        for c in cache:
+            c.length = c.kv.offset
     token, tokens, logprobs = prompt[-1:], [], []
     for _ in range(steps):
         logits = model(token[None], cache=cache)[0, -1]
@@ -233,9 +224,9 @@ def test_kv_bits_generation_keeps_the_float_canon_history(kv_model, tokenizer, g
         assert max_error(response.logprobs, logprobs) <= TOLERANCE
     for layer in cache:
         assert isinstance(layer, DharaCache) and isinstance(layer.kv, QuantizedKVCache)
-        assert isinstance(layer.canon, KVCache) and layer.canon.keys.dtype == mx.float32
+        assert layer.canon_history(mx.zeros((1, 3, 0), mx.float16)).dtype == mx.float32
         # generate_step has already run the forward of its last token
-        assert layer.canon.size() == layer.offset == prompt.size + steps
+        assert layer.size() == layer.offset == prompt.size + steps
 
     _, zeroed = greedy_with_quantized_kv(kv_model, prompt, steps, bits, True)
     assert max(max_error(a, b) for a, b in zip(expected_logprobs, zeroed)) > 1e-2
@@ -382,11 +373,12 @@ def test_quantized_model_batches_like_one_by_one(golden_model, golden):
     assert run_batch_generator(model, prompts, 6, 4) == one_by_one(model, prompts, 6, -1)
 
 
-def test_to_quantized_keeps_the_canon_store(kv_model, golden):
+def test_to_quantized_keeps_the_canon_state(kv_model, golden):
     cache = kv_model.make_cache()
     kv_model(golden["ids_a"][:, :5], cache=cache)
     quantized = cache[0].to_quantized(group_size=32, bits=8)
-    assert quantized.canon is cache[0].canon
+    zeros = mx.zeros((2, 3, 0))
+    assert mx.array_equal(quantized.canon_history(zeros), cache[0].canon_history(zeros))
     assert isinstance(quantized.kv, QuantizedKVCache) and quantized.offset == 5
     assert quantized.to_quantized(group_size=32, bits=8) is quantized
 

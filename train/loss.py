@@ -102,10 +102,9 @@ class _CleanRecord:
         self.keys, self.values = keys, values
         return keys, values
 
-    def append_canon(self, history: mx.array, inputs: mx.array) -> mx.array:
+    def append_canon(self, history: mx.array, inputs: mx.array) -> None:
         """Keep ``inputs``; nothing is written, so the output waits on nothing new."""
         self.canon = inputs
-        return history
 
 
 def _record(model: nn.Module, tokens: mx.array, mask) -> tuple[mx.array, list[_CleanRecord]]:
@@ -166,8 +165,8 @@ class _BlockPrefix:
             mx.concatenate([self._per_row(self.record.values, rows), values], axis=2),
         )
 
-    def append_canon(self, history: mx.array, inputs: mx.array) -> mx.array:
-        return history
+    def append_canon(self, history: mx.array, inputs: mx.array) -> None:
+        """Nothing to keep: the clean record holds every canon input."""
 
 
 def noisy_block_mask(length: int, block_len: int) -> mx.array:

@@ -1,0 +1,217 @@
+"""dhara's decode step and cache against mlx-lm's llama of the same widths (issue 12).
+
+Every figure is a ratio to llama built in this one process (random float32
+weights, the same hidden, heads, KV heads, intermediate and vocabulary):
+
+- ``step``: one batch-1 decode forward through mlx-lm's caches, the two models in
+  lockstep, the host's graph build timed apart from the evaluation (on Apple
+  GPUs the build decides a small model's tokens/s), and the whole step;
+- ``batch``: mlx-lm's ``BatchGenerator`` (what ``mlx_lm.server`` runs) at each
+  ``--batch`` size, aggregate tokens/s, the two models taking turns;
+- ``memory``: cache bytes per token after a prefill of each ``--lengths``, from
+  a one-layer model of the same widths (bytes per layer and token do not depend
+  on the depth), reported for the full depth;
+- ``prefill``: one cached forward of ``--prefill`` tokens;
+- ``spec``: the cost of one self-speculation round of the runtime (draft and
+  verify; random weights accept almost nothing, so every round does the same work).
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        python benchmarks/bench_step.py --sections step,prefill,spec,memory
+    python benchmarks/bench_step.py --sections batch --layers 8 --batch 8,32
+"""
+
+import statistics
+import time
+
+import mlx.core as mx
+import typer
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.models import llama
+from mlx_lm.models.cache import make_prompt_cache
+
+from optiq_dhara import model as dhara
+from optiq_dhara.runtime import decode
+
+SECTIONS = ("step", "batch", "memory", "prefill", "spec")
+
+
+def build_pair(layers: int, vocab: int = 49155) -> dict:
+    """dhara and llama at dhara-250m's widths, ``layers`` deep, random float32 weights."""
+    common = dict(
+        hidden_size=768,
+        num_hidden_layers=layers,
+        intermediate_size=2176,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+        rms_norm_eps=1e-6,
+        rope_theta=8_000_000.0,
+        tie_word_embeddings=True,
+    )
+    mx.random.seed(0)
+    models = {
+        "dhara": dhara.Model(dhara.ModelArgs(mask_token_id=vocab - 1, **common)),
+        "llama": llama.Model(llama.ModelArgs(model_type="llama", **common)),
+    }
+    for model in models.values():
+        model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
+    return models
+
+
+def prompt(vocab: int, length: int, rows: int = 1, seed: int = 0) -> mx.array:
+    return mx.random.randint(0, vocab - 1, (rows, length), key=mx.random.key(seed))
+
+
+def step_times(models: dict, context: int, steps: int) -> dict:
+    """Per model: lists of graph-build and evaluation seconds of one decode step."""
+    state = {}
+    for name, model in models.items():
+        cache = make_prompt_cache(model)
+        token = mx.argmax(model(prompt(model.args.vocab_size, context), cache=cache)[:, -1], -1)
+        mx.eval(token, [c.state for c in cache])
+        state[name] = (cache, token)
+    times = {name: ([], []) for name in models}
+    for _ in range(steps):
+        for name, model in models.items():
+            cache, token = state[name]
+            start = time.perf_counter()
+            token = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
+            built = time.perf_counter()
+            mx.eval(token)
+            times[name][0].append(built - start)
+            times[name][1].append(time.perf_counter() - built)
+            state[name] = (cache, token)
+    return times
+
+
+def section_step(models: dict, context: int, steps: int) -> None:
+    step_times(models, context, 3)  # warm-up: compile and allocate once
+    times = step_times(models, context, steps)
+    typer.echo(f"\n## decode step, batch 1, {context} tokens of context, {steps} steps in lockstep")
+    typer.echo("| model | build ms | eval ms | step ms |")
+    typer.echo("|---|---:|---:|---:|")
+    medians = {}
+    for name, (build, evaluation) in times.items():
+        total = [b + e for b, e in zip(build, evaluation)]
+        medians[name] = [statistics.median(x) * 1e3 for x in (build, evaluation, total)]
+        typer.echo(f"| {name} | " + " | ".join(f"{m:.2f}" for m in medians[name]) + " |")
+    ratios = [d / ll for d, ll in zip(medians["dhara"], medians["llama"])]
+    typer.echo(f"dhara / llama: build {ratios[0]:.3f}, eval {ratios[1]:.3f}, step {ratios[2]:.3f}")
+
+
+def batch_generator_seconds(model, prompts: list, max_tokens: int) -> tuple[int, float]:
+    start = time.perf_counter()
+    generator = BatchGenerator(model, max_tokens=max_tokens, completion_batch_size=len(prompts))
+    generator.insert(prompts, [max_tokens] * len(prompts))
+    generated = 0
+    while responses := generator.next_generated():
+        generated += len(responses)
+    generator.close()
+    return generated, time.perf_counter() - start
+
+
+def section_batch(models: dict, sizes: list, prompt_len: int, max_tokens: int, repeats: int):
+    typer.echo(
+        f"\n## BatchGenerator, {prompt_len}-token prompts, {max_tokens} tokens each, "
+        f"best of {repeats}"
+    )
+    typer.echo("| batch | dhara tok/s | llama tok/s | dhara / llama |")
+    typer.echo("|---:|---:|---:|---:|")
+    vocab = models["dhara"].args.vocab_size
+    for size in sizes:
+        prompts = prompt(vocab, prompt_len, size, seed=size).tolist()
+        best = {name: 0.0 for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                generated, seconds = batch_generator_seconds(model, prompts, max_tokens)
+                best[name] = max(best[name], generated / seconds)
+        ratio = best["dhara"] / best["llama"]
+        typer.echo(f"| {size} | {best['dhara']:.1f} | {best['llama']:.1f} | {ratio:.3f} |")
+
+
+def section_memory(lengths: list, layers: int, chunk: int = 512) -> None:
+    one = build_pair(1, vocab=512)
+    typer.echo(f"\n## cache bytes per token after a prefill, float32, {layers} layers")
+    typer.echo("| tokens | dhara bytes/token | llama (KV) bytes/token | dhara / KV |")
+    typer.echo("|---:|---:|---:|---:|")
+    for length in lengths:
+        nbytes = {}
+        for name, model in one.items():
+            cache = make_prompt_cache(model)
+            ids = prompt(512, length)
+            for start in range(0, length, chunk):
+                model(ids[:, start : start + chunk], cache=cache)
+                mx.eval([c.state for c in cache])
+            nbytes[name] = sum(c.nbytes for c in cache) * layers / length
+            del cache
+            mx.clear_cache()
+        ratio = nbytes["dhara"] / nbytes["llama"]
+        typer.echo(f"| {length} | {nbytes['dhara']:.0f} | {nbytes['llama']:.0f} | {ratio:.3f} |")
+
+
+def section_prefill(models: dict, length: int, rounds: int) -> None:
+    times = {name: [] for name in models}
+    for _ in range(rounds + 1):
+        for name, model in models.items():
+            cache = make_prompt_cache(model)
+            ids = prompt(model.args.vocab_size, length)
+            mx.eval(ids)
+            start = time.perf_counter()
+            mx.eval(model(ids, cache=cache)[:, -1], [c.state for c in cache])
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t[1:]) for name, t in times.items()}
+    typer.echo(f"\n## prefill of {length} tokens, median of {rounds}")
+    for name, seconds in medians.items():
+        typer.echo(f"{name}: {length / seconds:.1f} tok/s")
+    typer.echo(f"dhara / llama time: {medians['dhara'] / medians['llama']:.3f}")
+
+
+def section_spec(model, draft: int, rounds: int, context: int) -> None:
+    ids = prompt(model.args.vocab_size, context)[0].tolist()
+    options = dict(mode="spec", k=draft, max_tokens=rounds, stop_ids=())
+    list(decode(model, ids, **{**options, "max_tokens": 4}))  # warm-up
+    stats = list(decode(model, ids, **options))[-1].stats
+    per_round = stats.decode_seconds / max(stats.rounds - 1, 1)
+    typer.echo(
+        f"\n## self-speculation round, k = {draft}, {context}-token prompt: "
+        f"{per_round * 1e3:.1f} ms per round ({stats.rounds} rounds, "
+        f"{stats.tokens_per_round:.2f} tokens per round)"
+    )
+
+
+def main(
+    sections: str = typer.Option(",".join(SECTIONS), help=f"any of {', '.join(SECTIONS)}"),
+    layers: int = typer.Option(32, help="depth of both models (the 250m has 32)"),
+    context: int = typer.Option(64, help="tokens of context before the timed decode steps"),
+    steps: int = typer.Option(32, help="decode steps per model, in lockstep"),
+    batch: str = typer.Option("8,32", help="BatchGenerator batch sizes"),
+    prompt_len: int = typer.Option(64, help="prompt tokens per request in the batch section"),
+    max_tokens: int = typer.Option(32, help="tokens per request in the batch section"),
+    repeats: int = typer.Option(2, help="BatchGenerator runs per model and size (best kept)"),
+    lengths: str = typer.Option("2048,4096,16384,32768", help="memory section prefill lengths"),
+    prefill: int = typer.Option(512, help="prefill section length"),
+    rounds: int = typer.Option(16, help="spec section rounds (and prefill section repeats / 4)"),
+    draft: int = typer.Option(4, help="spec section draft length k"),
+):
+    chosen = [s.strip() for s in sections.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        raise typer.BadParameter(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    typer.echo(f"dhara-250m widths, {layers} layers, float32, {mx.default_device()}")
+    models = build_pair(layers) if set(chosen) - {"memory"} else {}
+    if "step" in chosen:
+        section_step(models, context, steps)
+    if "batch" in chosen:
+        sizes = [int(s) for s in batch.split(",")]
+        section_batch(models, sizes, prompt_len, max_tokens, repeats)
+    if "prefill" in chosen:
+        section_prefill(models, prefill, max(rounds // 4, 1))
+    if "spec" in chosen:
+        section_spec(models["dhara"], draft, rounds, context)
+    if "memory" in chosen:
+        section_memory([int(n) for n in lengths.split(",")], layers)
+
+
+if __name__ == "__main__":
+    typer.run(main)
