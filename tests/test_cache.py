@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from mlx.utils import tree_map_with_path
 from mlx_lm.generate import BatchGenerator, batch_generate, generate_step, stream_generate
 from mlx_lm.models.cache import (
-    KVCache,
     LRUPromptCache,
     QuantizedKVCache,
     load_prompt_cache,
@@ -25,7 +24,6 @@ from mlx_lm.models.cache import (
 from mlx_lm.utils import load_model, load_tokenizer
 
 from optiq_dhara import model as dhara
-from optiq_dhara import cache as dhara_cache
 from optiq_dhara.cache import DharaCache
 from optiq_dhara.masks import block_causal_mask
 

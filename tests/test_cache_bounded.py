@@ -246,7 +246,7 @@ def test_decoding_does_not_grow_the_canon_state(golden_model, golden):
     cache = golden_model.make_cache()
     token = golden["ids_a"][:1, :5]
     sizes = []
-    for step in range(40):
+    for _ in range(40):
         token = mx.argmax(golden_model(token, cache=cache)[:, -1:], axis=-1)
         mx.eval([c.state for c in cache])
         sizes.append(cache[0].nbytes - cache[0].kv.nbytes - 4 * cache[0].size())
