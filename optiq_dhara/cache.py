@@ -54,15 +54,17 @@ class LayerCache(Protocol):
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append the new keys/values [B, H, L, D]; every key/value the queries may see."""
 
-    def canon_history(self, zeros: mx.array) -> mx.array:
-        """The last K-1 canon inputs [B, K-1, width] before the new tokens (zeros if none)."""
+    def canon_history(self, zeros: mx.array) -> tuple[mx.array, ...]:
+        """The last K-1 canon inputs before the new tokens (``zeros`` [B, K-1, width] if
+        none), as pieces along the sequence that concatenate to that shape."""
 
     def canon_valid(self, length: int, new: int) -> Optional[mx.array]:
         """[B, length + new, 1] real-token flags of history and new rows, or None if all are."""
 
-    def append_canon(self, history: mx.array, inputs: mx.array) -> Optional[mx.array]:
+    def append_canon(self, history: tuple, inputs: mx.array) -> Optional[list]:
         """Keep what it needs of the new canon inputs [B, L, width] that followed
-        ``history``; an array the layer output must also wait for, or None."""
+        ``history`` (``canon_history``'s pieces); arrays the layer output must also
+        wait for, or None."""
 
 
 @dataclass
@@ -110,6 +112,7 @@ class DharaCache(_BaseCache):
     _ends: Optional[list[int]] = None
     _captured: Optional[mx.array] = None
     _unreplayable: bool = False
+    _pad_limit: Optional[int] = None  # the largest left padding of the rows, once read
 
     def __init__(self, kv: Optional[object] = None):
         self.kv = kv if kv is not None else KVCache()
@@ -247,6 +250,7 @@ class DharaCache(_BaseCache):
         rows += other._rows(other.length, length - other.length)
         tokens = [c._token_array(pad=length - c.length) for c in (self, other)]
         self.kv.extend(other.kv)
+        self._pad_limit = None
         self._kept = self._kept or other._kept
         self.length = length
         self._assemble(rows)
@@ -257,6 +261,7 @@ class DharaCache(_BaseCache):
         rows = self._rows(self.length)
         before = self.kv.size()
         self.kv.filter(batch_indices)
+        self._pad_limit = None
         shift = before - self.kv.size()  # mlx-lm drops the padding all rows share
         self.length -= shift
         for row in rows:
@@ -277,6 +282,7 @@ class DharaCache(_BaseCache):
 
     def prepare(self, *, left_padding=None, lengths=None, right_padding=None) -> None:
         self.kv.prepare(left_padding=left_padding, lengths=lengths, right_padding=right_padding)
+        self._pad_limit = None
         if right_padding is not None and max(right_padding) > 0:
             self._ends = [self.length + n for n in lengths]
             self._captured = None
@@ -285,6 +291,7 @@ class DharaCache(_BaseCache):
         """After a right-padded prefill: each row's state at its last token, moved right."""
         ends, self._ends = self._ends, None
         self.kv.finalize()
+        self._pad_limit = None
         if ends is None:
             return
         shifts = [self.length - e for e in ends]
@@ -300,25 +307,26 @@ class DharaCache(_BaseCache):
 
     # -- the layer's side (``LayerCache``) ------------------------------------------
 
-    def canon_history(self, zeros: mx.array) -> mx.array:
-        """The last K-1 canon inputs [B, K-1, width]; positions before the first are zeros."""
+    def canon_history(self, zeros: mx.array) -> tuple[mx.array, ...]:
+        """The last K-1 canon inputs, as the window's pieces (no copy); positions
+        before the first are zeros."""
         if self._replay is not None:
-            raise RuntimeError("the cache must replay its trimmed tokens first (replay())")
+            raise RuntimeError("the cache must replay its trimmed tokens first (prepare_forward)")
         size = zeros.shape[1]
         if not self._window or size == 0:
-            return zeros
-        last = self._window[-1]
-        if last.shape[1] >= size:
-            return last[:, last.shape[1] - size :]
+            return (zeros,)
         pieces, rows = [], 0
         for chunk in reversed(self._window):
+            count = chunk.shape[1]
+            if rows + count > size:
+                chunk, count = chunk[:, rows + count - size :], size - rows
             pieces.append(chunk)
-            rows += chunk.shape[1]
-            if rows >= size:
+            rows += count
+            if rows == size:
                 break
         if rows < size:
             pieces.append(zeros[:, : size - rows])
-        return mx.concatenate(pieces[::-1], axis=1)[:, -size:]
+        return tuple(reversed(pieces))
 
     def canon_valid(self, length: int, new: int) -> Optional[mx.array]:
         """[B, length + new, 1]: which rows of the history and the new inputs are tokens.
@@ -329,6 +337,10 @@ class DharaCache(_BaseCache):
         left_padding = getattr(self.kv, "left_padding", None)
         if left_padding is None:
             return None
+        if self._pad_limit is None:
+            self._pad_limit = max(self._pads(), default=0)
+        if self.length - length >= self._pad_limit:  # past every row's padding
+            return None
         positions = mx.arange(self.length - length, self.length + new)
         return (positions[None, :] >= left_padding[:, None])[..., None]
 
@@ -336,7 +348,7 @@ class DharaCache(_BaseCache):
         """Keep the new canon inputs in the window, and the tails at the checkpoints
         they pass; returns the copies made, for the layer output to wait on."""
         batch, count = inputs.shape[:2]
-        self._kept = history.shape[1]
+        self._kept = sum(piece.shape[1] for piece in history)
         if len(self._checkpoints) != batch:
             self._checkpoints = [{} for _ in range(batch)]
         start, keep = self.length, RECENT + self._kept
@@ -349,7 +361,7 @@ class DharaCache(_BaseCache):
         if self._unreplayable and (start + count) % CHECKPOINT:
             crossed = [*crossed, start + count]  # replays may start after this forward
         if crossed:
-            joined = mx.concatenate([history, inputs], axis=1)
+            joined = mx.concatenate([*history, inputs], axis=1)
             for position in crossed:
                 tails = joined[:, position - start : position - start + self._kept] * 1
                 made.append(tails)
@@ -487,7 +499,7 @@ class DharaCache(_BaseCache):
         """Right-padded prefill: each row's window at its last token, when it is in
         this forward (the padding after it is dropped at ``finalize``)."""
         start, count = self.length, inputs.shape[1]
-        before = self.canon_window(history, keep)
+        before = self._last_inputs(history, keep)
         joined = mx.concatenate([before, inputs], axis=1)
         offsets = mx.array([min(max(e - start, 0), count) for e in self._ends])
         index = (offsets[:, None] + mx.arange(keep))[..., None]
@@ -497,11 +509,10 @@ class DharaCache(_BaseCache):
         self._captured = mx.where(inside, window, previous)
         return self._captured
 
-    def canon_window(self, history: mx.array, size: int) -> mx.array:
+    def _last_inputs(self, history: tuple, size: int) -> mx.array:
         """The last ``size`` canon inputs [B, size, width] (zeros before the first)."""
-        if not self._window:
-            return _last_rows(history, size)
-        return _last_rows(mx.concatenate([*self._window], axis=1), size)
+        pieces = self._window if self._window else history
+        return _last_rows(mx.concatenate(list(pieces), axis=1), size)
 
     def rewind(self) -> Optional[int]:
         """Before a replay: back to where the canon state is; the position, or None."""

@@ -110,31 +110,81 @@ class ModelArgs(BaseModelArgs):
         return self.logit_softcap if self.use_logit_softcap and self.logit_softcap else None
 
 
-@mx.compile
-def canon_conv(x, history, weight, bias, valid, residual: bool, activation: bool) -> mx.array:
-    """Causal depthwise conv of x [B, L, C] whose K-1 previous inputs are ``history``.
+def canon_conv(x, history, start: int, conv: Optional[dict], valid, flags) -> mx.array:
+    """Causal depthwise conv of one canon site over x [B, L, C].
 
-    ``weight`` is MLX's conv layout (C, K, 1); tap j multiplies input t - K + 1 + j.
-    Written as multiply-adds over the taps, in ``mx.conv1d``'s order (so the sums
-    are the same), because the CPU backend's grouped conv is slow at these shapes;
-    a single decoded token is one multiply and one sum over its K inputs.
+    ``history`` holds the layer's last K-1 canon inputs as pieces along the
+    sequence ([B, n, width] each, n summing to K-1), this site's channels being
+    ``start .. start + C``; ``conv`` the site's ``nn.Conv1d`` (None: the site is off);
+    ``valid`` [B, K-1+L, 1] which inputs are tokens (None: all); ``flags``
+    (residual, activation). ``weight`` is MLX's conv layout (C, K, 1); tap j
+    multiplies input t - K + 1 + j. Written as multiply-adds over the taps, in
+    ``mx.conv1d``'s order (so the sums are the same), because the CPU backend's
+    grouped conv is slow at these shapes; a decoded token (L = 1) reads the history
+    rows where they are, with no copy. Called inside the compiled functions below.
     """
-    inputs = mx.concatenate([history, x], axis=1)
-    if valid is not None:
-        inputs = mx.where(valid, inputs, 0)
-    taps = weight.transpose(2, 1, 0)  # (1, K, C)
-    length = x.shape[1]
-    if length == 1:
-        y = (inputs * taps).sum(axis=1, keepdims=True)
-    else:
-        y = inputs[:, :length] * taps[:, :1]
-        for j in range(1, taps.shape[1]):
-            y = y + inputs[:, j : j + length] * taps[:, j : j + 1]
-    if bias is not None:
-        y = y + bias
+    if conv is None:
+        return x
+    residual, activation = flags
+    channels = x.shape[-1]
+    rows = [p[:, i : i + 1, start : start + channels] for p in history for i in range(p.shape[1])]
+    rows.append(x)
+    if valid is not None:  # left padding of a batch reads as zeros
+        rows[:-1] = [mx.where(valid[:, i : i + 1], r, 0) for i, r in enumerate(rows[:-1])]
+        rows[-1] = mx.where(valid[:, len(rows) - 1 :], x, 0)
+    weight = conv["weight"]  # (C, K, 1)
+    kernel, length = weight.shape[1], x.shape[1]
+    if length > 1:
+        inputs = mx.concatenate(rows, axis=1)
+        rows = [inputs[:, j : j + length] for j in range(kernel)]
+    y = rows[0] * weight[:, 0, 0]
+    for j in range(1, kernel):
+        y = y + rows[j] * weight[:, j, 0]
+    if "bias" in conv:
+        y = y + conv["bias"]
     if activation:
         y = nn.silu(y)
     return x + y if residual else y
+
+
+@mx.compile
+def norm_then_canon(x, norm, eps: float, history, start: int, conv, valid, flags):
+    """RMSNorm, then a canon site: (the normed x, the site's input; the site's output)."""
+    normed = mx.fast.rms_norm(x, norm, eps)
+    return normed, canon_conv(normed, history, start, conv, valid, flags)
+
+
+@mx.compile
+def add_norm_then_canon(x, update, norm, eps: float, history, start: int, conv, valid, flags):
+    """The residual sum ``x + update``, then ``norm_then_canon`` of it."""
+    h = x + update
+    normed = mx.fast.rms_norm(h, norm, eps)
+    return h, normed, canon_conv(normed, history, start, conv, valid, flags)
+
+
+@mx.compile
+def gate_then_canon(gate, up, history, start: int, conv, valid, flags):
+    """SwiGLU, then canon site D: (the site's input, its output)."""
+    u = nn.silu(gate) * up
+    return u, canon_conv(u, history, start, conv, valid, flags)
+
+
+@mx.compile
+def canon_b_heads(qkv, history, starts, convs, valid, flags, heads, rope, norms, eps: float):
+    """Canon site B over q, k and v, then each as [B, heads, L, head_dim]; RoPE on q
+    and k (``rope``: the layer's cos and sin tables), QK-norm after it (``norms``:
+    the q and k weights, or None)."""
+    out = []
+    for i, x in enumerate(qkv):
+        x = canon_conv(x, history, starts[i], convs[i], valid, flags)
+        B, L, _ = x.shape
+        x = x.reshape(B, L, heads[i], -1).transpose(0, 2, 1, 3)
+        if i < 2:
+            x = apply_rope(x, *rope)
+            if norms is not None:
+                x = mx.fast.rms_norm(x, norms[i], eps)
+        out.append(x)
+    return tuple(out)
 
 
 class Canon(nn.Module):
@@ -142,43 +192,20 @@ class Canon(nn.Module):
 
     def __init__(self, channels: int, args: ModelArgs):
         super().__init__()
-        self.residual = args.canon_residual
-        self.activation = args.canon_activation
         self.conv = nn.Conv1d(
             channels, channels, args.canon_kernel, groups=channels, bias=args.canon_bias
         )
 
 
-class CanonStep:
-    """One forward's view of a layer's canon sites.
+def site_conv(module: nn.Module, name: str) -> Optional[nn.Module]:
+    """The conv of ``module``'s canon site ``name``, or None if the site is off.
 
-    Hands each site its slice of the cached history, runs its conv, and collects
-    the site's inputs, which the layer then appends to the cache in one write.
-    Several convs given for one site (B's q, k and v) run as one conv over their
-    concatenated channels.
+    Decoding code reads modules as dict items (``module["x"]``): ``nn.Module``'s
+    attribute lookup costs about as much host time as a small op, and a decode
+    step's speed on Apple GPUs is its host time.
     """
-
-    def __init__(self, widths: dict[str, int], history: mx.array, valid: Optional[mx.array]):
-        offsets, total = [], 0
-        for width in list(widths.values())[:-1]:
-            total += width
-            offsets.append(total)
-        parts = mx.split(history, offsets, axis=-1) if offsets else [history]
-        self.history = dict(zip(widths, parts))
-        self.valid = valid
-        self.inputs: list[mx.array] = []
-
-    def __call__(self, site: str, x: mx.array, *canons: Optional[Canon]) -> mx.array:
-        if canons[0] is None:
-            return x
-        self.inputs.append(x)
-        convs = [canon.conv for canon in canons]
-        weight = mx.concatenate([conv.weight for conv in convs])  # one conv: no copy
-        bias = mx.concatenate([conv.bias for conv in convs]) if "bias" in convs[0] else None
-        first = canons[0]
-        return canon_conv(
-            x, self.history[site], weight, bias, self.valid, first.residual, first.activation
-        )
+    canon = module.get(name)
+    return None if canon is None else canon["conv"]
 
 
 class RotaryEmbedding(nn.Module):
@@ -240,6 +267,7 @@ class Attention(nn.Module):
         dim, head_dim = args.hidden_size, args.head_dim
         self.n_heads, self.n_kv_heads = args.num_attention_heads, args.num_key_value_heads
         self.scale = head_dim**-0.5
+        self.eps = args.rms_norm_eps
         self.q_proj = nn.Linear(dim, self.n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(dim, self.n_kv_heads * head_dim, bias=False)
@@ -252,28 +280,33 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args)
-        q_width, kv_width = self.n_heads * head_dim, self.n_kv_heads * head_dim
-        self._qkv_splits = [q_width, q_width + kv_width]
+        self._heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
+        self._flags = (args.canon_residual, args.canon_activation)
 
-    def __call__(self, x, mask, cache: Optional[DharaCache], canon: CanonStep, rope) -> mx.array:
+    def __call__(
+        self, x, mask, cache: Optional[DharaCache], history, start: int, valid, rope
+    ) -> tuple[mx.array, tuple]:
+        """The attention output, and canon site B's inputs (q, k, v)."""
         B, L, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.canon_b_q is not None:
-            qkv = mx.concatenate([q, k, v], axis=-1)
-            qkv = canon("b", qkv, self.canon_b_q, self.canon_b_k, self.canon_b_v)
-            q, k, v = mx.split(qkv, self._qkv_splits, axis=-1)
-        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        k = k.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = v.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if "q_norm" in self:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
-        o = scaled_dot_product_attention(
-            q, k, v, cache=cache.kv if cache is not None else None, scale=self.scale, mask=mask
+        qkv = (self["q_proj"](x), self["k_proj"](x), self["v_proj"](x))
+        q_width, kv_width = qkv[0].shape[-1], qkv[1].shape[-1]
+        starts = (start, start + q_width, start + q_width + kv_width)
+        convs = tuple(site_conv(self, f"canon_b_{name}") for name in "qkv")
+        norms = (self["q_norm"]["weight"], self["k_norm"]["weight"]) if "q_norm" in self else None
+        queries, keys, values = canon_b_heads(
+            qkv, history, starts, convs, valid, self._flags, self._heads, rope, norms, self.eps
         )
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        o = scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            cache=cache.kv if cache is not None else None,
+            scale=self.scale,
+            mask=mask,
+        )
+        return self["o_proj"](o.transpose(0, 2, 1, 3).reshape(B, L, -1)), qkv
 
 
 class MLP(nn.Module):
@@ -284,10 +317,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.canon_d = Canon(hidden, args) if "D" in args.canon_set else None
+        self._flags = (args.canon_residual, args.canon_activation)
 
-    def __call__(self, x: mx.array, canon: CanonStep) -> mx.array:
-        u = nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(canon("d", u, self.canon_d))
+    def __call__(self, x: mx.array, history, start: int, valid) -> tuple[mx.array, mx.array]:
+        """The MLP output, and canon site D's input."""
+        conv = site_conv(self, "canon_d")
+        u, y = gate_then_canon(
+            self["gate_proj"](x), self["up_proj"](x), history, start, conv, valid, self._flags
+        )
+        return self["down_proj"](y), u
 
 
 def canon_widths(args: ModelArgs) -> dict[str, int]:
@@ -312,24 +350,53 @@ class DecoderLayer(nn.Module):
         self.canon_c = Canon(args.hidden_size, args) if "C" in args.canon_set else None
         self.self_attn = Attention(args)
         self.mlp = MLP(args)
-        self._canon_widths = canon_widths(args)
+        widths = canon_widths(args)
+        self._width = sum(widths.values())
+        self._starts, total = {}, 0
+        for site in "abcd":  # where each site's channels begin in the history
+            self._starts[site] = total
+            total += widths.get(site, 0)
+        self._stored = tuple(site in widths for site in "abcd")
         self._history_len = args.canon_kernel - 1
+        self._flags = (args.canon_residual, args.canon_activation)
+        self.eps = args.rms_norm_eps
 
     def __call__(
         self, x, mask, cache: Optional[DharaCache], valid, rope, zeros: Optional[mx.array] = None
     ) -> mx.array:
         """``zeros`` [B, K-1, canon width]: the canon history before the first token."""
         if zeros is None:
-            width = sum(self._canon_widths.values())
-            zeros = mx.zeros((x.shape[0], self._history_len, width), x.dtype)
-        history = zeros if cache is None else cache.canon_history(zeros)
-        canon = CanonStep(self._canon_widths, history, valid)
-        a = canon("a", self.input_layernorm(x), self.canon_a)
-        h = x + self.self_attn(a, mask, cache, canon, rope)
-        c = canon("c", self.post_attention_layernorm(h), self.canon_c)
-        out = h + self.mlp(c, canon)
+            zeros = mx.zeros((x.shape[0], self._history_len, self._width), x.dtype)
+        history = (zeros,) if cache is None else cache.canon_history(zeros)
+        starts, flags = self._starts, self._flags
+        a_in, a = norm_then_canon(
+            x,
+            self["input_layernorm"]["weight"],
+            self.eps,
+            history,
+            starts["a"],
+            site_conv(self, "canon_a"),
+            valid,
+            flags,
+        )
+        attention, qkv = self["self_attn"](a, mask, cache, history, starts["b"], valid, rope)
+        h, c_in, c = add_norm_then_canon(
+            x,
+            attention,
+            self["post_attention_layernorm"]["weight"],
+            self.eps,
+            history,
+            starts["c"],
+            site_conv(self, "canon_c"),
+            valid,
+            flags,
+        )
+        mlp, d_in = self["mlp"](c, history, starts["d"], valid)
+        out = h + mlp
         if cache is not None:
-            inputs = mx.concatenate(canon.inputs, axis=-1) if canon.inputs else x[..., :0]
+            a_on, b_on, c_on, d_on = self._stored
+            sites = [a_in] * a_on + list(qkv) * b_on + [c_in] * c_on + [d_in] * d_on
+            inputs = mx.concatenate(sites, axis=-1) if sites else x[..., :0]
             kept = cache.append_canon(history, inputs)
             if kept is not None:
                 out = mx.depends(out, kept)
@@ -362,12 +429,25 @@ class DharaModel(nn.Module):
         history_len = self.args.canon_kernel - 1
         valid = first.canon_valid(history_len, h.shape[1]) if first is not None else None
         zeros = mx.zeros((h.shape[0], history_len, self.canon_width), h.dtype)
-        inv_freqs = mx.stack([layer.self_attn.rotary_emb.inv_freq for layer in self.layers])
         offset = first.offset if first is not None else 0
-        cos, sin = rope_tables(inv_freqs, offset, h.shape[1], self.rope_factor)
+        cos, sin = rope_tables(self._inv_freqs(), offset, h.shape[1], self.rope_factor)
         for layer, layer_cache, rope in zip(self.layers, cache, zip(cos, sin)):
             h = layer(h, mask, layer_cache, valid, rope, zeros)
         return self.norm(h)
+
+    def _inv_freqs(self) -> mx.array:
+        """Every layer's RoPE ``inv_freq`` [layers, head_dim/2], stacked once while the
+        layers hold the same arrays (read as dict items: attribute access is slow)."""
+        current = tuple(layer["self_attn"]["rotary_emb"]["inv_freq"] for layer in self.layers)
+        held = getattr(self, "_rope_source", None)
+        if (
+            held is None
+            or len(held[0]) != len(current)
+            or any(a is not b for a, b in zip(held[0], current))
+        ):
+            held = (current, mx.stack(current))
+            object.__setattr__(self, "_rope_source", held)
+        return held[1]
 
 
 class Model(nn.Module):

@@ -59,9 +59,9 @@ class SlotLayer:
         """Positions before a row's first token are zeros in its tail already."""
         return None
 
-    def canon_history(self, zeros: mx.array) -> mx.array:
+    def canon_history(self, zeros: mx.array) -> tuple[mx.array]:
         tail = self._owner.tails[self._index]
-        return zeros if tail is None else tail
+        return (zeros if tail is None else tail,)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         owner, i = self._owner, self._index
@@ -70,9 +70,9 @@ class SlotLayer:
         used = owner._used
         return owner.keys[i][:, :, :used], owner.values[i][:, :, :used]
 
-    def append_canon(self, history: mx.array, inputs: mx.array) -> None:
+    def append_canon(self, history: tuple, inputs: mx.array) -> None:
         """Keep the inputs until ``commit`` takes the rows' tails from them."""
-        self._owner._pending[self._index] = (history, inputs)
+        self._owner._pending[self._index] = (*history, inputs)
 
 
 class SlotCache:
@@ -94,7 +94,7 @@ class SlotCache:
         self.tails: list[Optional[mx.array]] = [None] * count
         self.checkpoints: list[dict[int, Tails]] = [{} for _ in range(rows)]
         self.layers = [SlotLayer(self, i) for i in range(count)]
-        self._pending: list[Optional[tuple[mx.array, mx.array]]] = [None] * count
+        self._pending: list[Optional[tuple[mx.array, ...]]] = [None] * count
         self._offsets = mx.array(self.lengths)
         self._write: Optional[mx.array] = None
         self._start: Optional[int] = None  # where every row writes, if all write at one place
@@ -158,7 +158,7 @@ class SlotCache:
         tails at the checkpoints passed on the way are kept."""
         old, new = self.lengths, list(lengths)
         if self.history_len and self._pending[0] is not None:
-            joined = [mx.concatenate(pair, axis=1) for pair in self._pending]
+            joined = [mx.concatenate(pieces, axis=1) for pieces in self._pending]
             shifts = {n - o for n, o in zip(new, old)}
             if len(shifts) == 1:
                 shift = shifts.pop()

@@ -95,14 +95,14 @@ class _CleanRecord:
     def canon_valid(self, length: int, new: int):
         return None
 
-    def canon_history(self, zeros: mx.array) -> mx.array:
-        return zeros
+    def canon_history(self, zeros: mx.array) -> tuple[mx.array]:
+        return (zeros,)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self.keys, self.values = keys, values
         return keys, values
 
-    def append_canon(self, history: mx.array, inputs: mx.array) -> None:
+    def append_canon(self, history: tuple, inputs: mx.array) -> None:
         """Keep ``inputs``; nothing is written, so the output waits on nothing new."""
         self.canon = inputs
 
@@ -145,7 +145,7 @@ class _BlockPrefix:
     def canon_valid(self, length: int, new: int):
         return None
 
-    def canon_history(self, zeros: mx.array) -> mx.array:
+    def canon_history(self, zeros: mx.array) -> tuple[mx.array]:
         """[rows, K-1, width] like ``zeros``: the clean canon inputs before each block."""
         length = zeros.shape[1]
         window = (mx.arange(self.blocks) * self.block_len)[:, None] + mx.arange(length)[None]
@@ -154,7 +154,7 @@ class _BlockPrefix:
             padded = mx.pad(canon, [(0, 0), (length, 0), (0, 0)])
             return padded[:, window].reshape(zeros.shape)
 
-        return self._per_row(self.record.canon, rows).astype(zeros.dtype)
+        return (self._per_row(self.record.canon, rows).astype(zeros.dtype),)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         def rows(clean: mx.array) -> mx.array:
@@ -165,7 +165,7 @@ class _BlockPrefix:
             mx.concatenate([self._per_row(self.record.values, rows), values], axis=2),
         )
 
-    def append_canon(self, history: mx.array, inputs: mx.array) -> None:
+    def append_canon(self, history: tuple, inputs: mx.array) -> None:
         """Nothing to keep: the clean record holds every canon input."""
 
 
