@@ -20,6 +20,7 @@ weights, the same hidden, heads, KV heads, intermediate and vocabulary):
     python benchmarks/bench_step.py --sections batch --layers 8 --batch 8,32
 """
 
+import copy
 import statistics
 import time
 
@@ -64,40 +65,65 @@ def prompt(vocab: int, length: int, rows: int = 1, seed: int = 0) -> mx.array:
 
 
 def step_times(models: dict, context: int, steps: int) -> dict:
-    """Per model: lists of graph-build and evaluation seconds of one decode step."""
+    """Per model: lists of graph-build, warm graph-build and evaluation seconds of one
+    decode step.
+
+    The warm build is the same step built again at once, on a copy of the cache
+    (and thrown away): here the evaluation runs on the CPU that builds the graphs
+    and evicts its caches, so the first build after it pays for cold caches, which
+    a build on a machine whose GPU evaluates does not.
+    """
     state = {}
     for name, model in models.items():
         cache = make_prompt_cache(model)
         token = mx.argmax(model(prompt(model.args.vocab_size, context), cache=cache)[:, -1], -1)
         mx.eval(token, [c.state for c in cache])
         state[name] = (cache, token)
-    times = {name: ([], []) for name in models}
+    times = {name: ([], [], []) for name in models}
     for _ in range(steps):
         for name, model in models.items():
             cache, token = state[name]
+            spare = copy.deepcopy(cache)
             start = time.perf_counter()
-            token = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
+            new = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
             built = time.perf_counter()
-            mx.eval(token)
+            mx.argmax(model(token[:, None], cache=spare)[:, -1], axis=-1)
+            rebuilt = time.perf_counter()
+            mx.eval(new)
             times[name][0].append(built - start)
-            times[name][1].append(time.perf_counter() - built)
-            state[name] = (cache, token)
+            times[name][1].append(rebuilt - built)
+            times[name][2].append(time.perf_counter() - rebuilt)
+            state[name] = (cache, new)
     return times
 
 
-def section_step(models: dict, context: int, steps: int) -> None:
+def section_step(models: dict, context: int, steps: int, rounds: int) -> None:
     step_times(models, context, 3)  # warm-up: compile and allocate once
-    times = step_times(models, context, steps)
-    typer.echo(f"\n## decode step, batch 1, {context} tokens of context, {steps} steps in lockstep")
-    typer.echo("| model | build ms | eval ms | step ms |")
-    typer.echo("|---|---:|---:|---:|")
-    medians = {}
-    for name, (build, evaluation) in times.items():
-        total = [b + e for b, e in zip(build, evaluation)]
-        medians[name] = [statistics.median(x) * 1e3 for x in (build, evaluation, total)]
-        typer.echo(f"| {name} | " + " | ".join(f"{m:.2f}" for m in medians[name]) + " |")
-    ratios = [d / ll for d, ll in zip(medians["dhara"], medians["llama"])]
-    typer.echo(f"dhara / llama: build {ratios[0]:.3f}, eval {ratios[1]:.3f}, step {ratios[2]:.3f}")
+    typer.echo(
+        f"\n## decode step, batch 1, {context} tokens of context, {rounds} rounds of "
+        f"{steps} steps in lockstep (medians; ratios: median and range over rounds)"
+    )
+    typer.echo("| model | build ms | warm build ms | eval ms | step ms |")
+    typer.echo("|---|---:|---:|---:|---:|")
+    columns = ("build", "warm build", "eval", "step")
+    per_round = []
+    for turn in range(rounds):
+        order = list(models) if turn % 2 == 0 else list(models)[::-1]
+        times = step_times({name: models[name] for name in order}, context, steps)
+        medians = {}
+        for name, (build, warm, evaluation) in times.items():
+            total = [b + e for b, e in zip(build, evaluation)]
+            medians[name] = [statistics.median(x) * 1e3 for x in (build, warm, evaluation, total)]
+        per_round.append(medians)
+    for name in models:
+        cells = [statistics.median(r[name][i] for r in per_round) for i in range(len(columns))]
+        typer.echo(f"| {name} | " + " | ".join(f"{m:.2f}" for m in cells) + " |")
+    ratios = [sorted(r["dhara"][i] / r["llama"][i] for r in per_round) for i in range(len(columns))]
+    parts = [
+        f"{what} {statistics.median(xs):.3f} ({xs[0]:.3f}-{xs[-1]:.3f})"
+        for what, xs in zip(columns, ratios)
+    ]
+    typer.echo("dhara / llama: " + ", ".join(parts))
 
 
 def batch_generator_seconds(model, prompts: list, max_tokens: int) -> tuple[int, float]:
@@ -193,6 +219,7 @@ def main(
     prefill: int = typer.Option(512, help="prefill section length"),
     rounds: int = typer.Option(16, help="spec section rounds (and prefill section repeats / 4)"),
     draft: int = typer.Option(4, help="spec section draft length k"),
+    step_rounds: int = typer.Option(5, help="step section rounds (fresh caches each)"),
 ):
     chosen = [s.strip() for s in sections.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SECTIONS))
@@ -201,7 +228,7 @@ def main(
     typer.echo(f"dhara-250m widths, {layers} layers, float32, {mx.default_device()}")
     models = build_pair(layers) if set(chosen) - {"memory"} else {}
     if "step" in chosen:
-        section_step(models, context, steps)
+        section_step(models, context, steps, step_rounds)
     if "batch" in chosen:
         sizes = [int(s) for s in batch.split(",")]
         section_batch(models, sizes, prompt_len, max_tokens, repeats)

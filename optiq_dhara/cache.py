@@ -61,10 +61,13 @@ class LayerCache(Protocol):
     def canon_valid(self, length: int, new: int) -> Optional[mx.array]:
         """[B, length + new, 1] real-token flags of history and new rows, or None if all are."""
 
-    def append_canon(self, history: tuple, inputs: mx.array) -> Optional[list]:
-        """Keep what it needs of the new canon inputs [B, L, width] that followed
-        ``history`` (``canon_history``'s pieces); arrays the layer output must also
-        wait for, or None."""
+    def append_canon(self, history: tuple, inputs: tuple) -> Optional[list]:
+        """Keep what it needs of the new canon inputs that followed ``history``
+        (``canon_history``'s pieces): ``inputs`` holds each site's [B, L, channels],
+        in the order of the width; arrays the layer output must also wait for, or None.
+
+        A piece of history is an array [B, n, width] or such a tuple of a site's
+        arrays (what a cache kept of an earlier forward, not concatenated)."""
 
 
 @dataclass
@@ -95,6 +98,16 @@ class _Row:
         return _last_rows(self.window[: self.window.shape[0] - (self.end - position)], size)
 
 
+def _full(piece) -> mx.array:
+    """A piece of canon inputs as one array [B, n, width] (a tuple: joined by site)."""
+    return mx.concatenate(piece, axis=-1) if isinstance(piece, tuple) else piece
+
+
+def history_array(pieces) -> mx.array:
+    """``canon_history``'s pieces as one array [B, K-1, width]."""
+    return mx.concatenate([_full(piece) for piece in pieces], axis=1)
+
+
 def _last_rows(rows: mx.array, size: int) -> mx.array:
     """The last ``size`` rows of ``rows`` [n, width] (axis -2), zeros before the first."""
     missing = size - rows.shape[-2]
@@ -113,6 +126,7 @@ class DharaCache(_BaseCache):
     _captured: Optional[mx.array] = None
     _unreplayable: bool = False
     _pad_limit: Optional[int] = None  # the largest left padding of the rows, once read
+    _one_row_chunks: int = 0  # how many of the window's last pieces hold one row each
 
     def __init__(self, kv: Optional[object] = None):
         self.kv = kv if kv is not None else KVCache()
@@ -148,7 +162,10 @@ class DharaCache(_BaseCache):
 
     @property
     def nbytes(self) -> int:
-        canon = self._window + self._tokens
+        canon = [
+            a for piece in self._window for a in (piece if isinstance(piece, tuple) else [piece])
+        ]
+        canon += self._tokens
         canon += [t for row in self._checkpoints for t in row.values()]
         return self.kv.nbytes + sum(a.nbytes for a in canon)
 
@@ -202,7 +219,7 @@ class DharaCache(_BaseCache):
     def state(self):
         tokens = self._token_array()
         self._tokens = [tokens]
-        window = mx.concatenate(self._window, axis=1) if self._window else None
+        window = mx.concatenate([_full(p) for p in self._window], axis=1) if self._window else None
         positions, rows, tails = [], [], []
         for row, held in enumerate(self._checkpoints):
             for position, tail in held.items():
@@ -221,6 +238,7 @@ class DharaCache(_BaseCache):
         self.length, self._window_rows, complete, self._kept = flags.tolist()
         self._complete = bool(complete)
         self._window = [] if window is None else [window]
+        self._one_row_chunks = int(window is not None and window.shape[1] == 1)
         self._tokens = [] if tokens is None or tokens.size == 0 else [tokens]
         batch = tokens.shape[0] if tokens is not None and tokens.ndim == 2 else 0
         self._checkpoints = [{} for _ in range(batch)]
@@ -315,11 +333,18 @@ class DharaCache(_BaseCache):
         size = zeros.shape[1]
         if not self._window or size == 0:
             return (zeros,)
+        if self._one_row_chunks >= size:  # decoding: the last K-1 forwards, a row each
+            return tuple(self._window[-size:])
         pieces, rows = [], 0
         for chunk in reversed(self._window):
-            count = chunk.shape[1]
+            count = (chunk[0] if isinstance(chunk, tuple) else chunk).shape[1]
             if rows + count > size:
-                chunk, count = chunk[:, rows + count - size :], size - rows
+                skip = rows + count - size
+                if isinstance(chunk, tuple):
+                    chunk = tuple(site[:, skip:] for site in chunk)
+                else:
+                    chunk = chunk[:, skip:]
+                count = size - rows
             pieces.append(chunk)
             rows += count
             if rows == size:
@@ -344,38 +369,57 @@ class DharaCache(_BaseCache):
         positions = mx.arange(self.length - length, self.length + new)
         return (positions[None, :] >= left_padding[:, None])[..., None]
 
-    def append_canon(self, history: mx.array, inputs: mx.array) -> Optional[mx.array]:
-        """Keep the new canon inputs in the window, and the tails at the checkpoints
-        they pass; returns the copies made, for the layer output to wait on."""
-        batch, count = inputs.shape[:2]
-        self._kept = sum(piece.shape[1] for piece in history)
+    def append_canon(self, history: tuple, inputs: tuple) -> Optional[list]:
+        """Keep the new canon inputs in the window (as they are: no copy), and the
+        tails at the checkpoints they pass; returns the copies made, for the layer
+        output to wait on."""
+        batch, count = inputs[0].shape[:2]
+        start = self.length
+        if (  # decoding, between checkpoints: keep the inputs, nothing else
+            count == 1
+            and self._ends is None
+            and not self._unreplayable
+            and (start + 1) % CHECKPOINT
+            and len(self._checkpoints) == batch
+        ):
+            self._window.append(inputs)
+            self._one_row_chunks += 1
+            self._window_rows += 1
+            self.length = start + 1
+            self._drop_old(RECENT + self._kept)
+            return None
+        self._kept = sum(self._rows_of(piece) for piece in history)
         if len(self._checkpoints) != batch:
             self._checkpoints = [{} for _ in range(batch)]
         start, keep = self.length, RECENT + self._kept
         made = []
         if self._ends is not None:
-            made.append(self._capture(history, inputs, keep))
-        crossed = range(
-            start // CHECKPOINT * CHECKPOINT + CHECKPOINT, start + count + 1, CHECKPOINT
-        )
+            made.append(self._capture(history, _full(inputs), keep))
+        crossed = []
+        if start + count >= start // CHECKPOINT * CHECKPOINT + CHECKPOINT:  # rarely
+            crossed = range(
+                start // CHECKPOINT * CHECKPOINT + CHECKPOINT, start + count + 1, CHECKPOINT
+            )
         if self._unreplayable and (start + count) % CHECKPOINT:
             crossed = [*crossed, start + count]  # replays may start after this forward
         if crossed:
-            joined = mx.concatenate([*history, inputs], axis=1)
+            joined = mx.concatenate([history_array(history), _full(inputs)], axis=1)
             for position in crossed:
                 tails = joined[:, position - start : position - start + self._kept] * 1
                 made.append(tails)
                 for b in range(batch):
                     self._checkpoints[b][position] = tails[b]
         if count > keep:
-            inputs = inputs[:, count - keep :] * 1  # a copy: the forward's inputs are freed
+            inputs = _full(inputs)[:, count - keep :] * 1  # a copy: the forward's are freed
             made.append(inputs)
             self._complete = False
+            count_kept = keep
+        else:
+            count_kept = count
         self._window.append(inputs)
-        self._window_rows += inputs.shape[1]
-        while self._window_rows - self._window[0].shape[1] >= keep:
-            self._window_rows -= self._window.pop(0).shape[1]
-            self._complete = False
+        self._one_row_chunks = self._one_row_chunks + 1 if count_kept == 1 else 0
+        self._window_rows += count_kept
+        self._drop_old(keep)
         self.length += count
         return made or None
 
@@ -395,13 +439,26 @@ class DharaCache(_BaseCache):
         out.length, out._kept = self.length, self._kept
         return out
 
+    def _drop_old(self, keep: int) -> None:
+        """Drop the oldest pieces of the window while ``keep`` rows remain without them."""
+        while self._window_rows - self._rows_of(self._window[0]) >= keep:
+            self._window_rows -= self._rows_of(self._window.pop(0))
+            self._complete = False
+        self._one_row_chunks = min(self._one_row_chunks, len(self._window))
+
+    @staticmethod
+    def _rows_of(piece) -> int:
+        return (piece[0] if isinstance(piece, tuple) else piece).shape[1]
+
     def _window_array(self) -> mx.array:
-        if len(self._window) > 1:
-            self._window = [mx.concatenate(self._window, axis=1)]
+        if len(self._window) > 1 or isinstance(self._window[0], tuple):
+            self._window = [mx.concatenate([_full(p) for p in self._window], axis=1)]
+            self._one_row_chunks = int(self._window[0].shape[1] == 1)
         return self._window[0]
 
     def _set_window(self, window: mx.array, complete: Optional[bool] = None) -> None:
         self._window, self._window_rows = [window], window.shape[1]
+        self._one_row_chunks = int(window.shape[1] == 1)
         if complete is not None:
             self._complete = complete
 
@@ -463,6 +520,7 @@ class DharaCache(_BaseCache):
         width = max((row.window.shape[-1] for row in rows), default=0)
         if width == 0 or not self._kept:
             self._window, self._window_rows, self._complete = [], 0, True
+            self._one_row_chunks = 0
             return
         for row in rows:
             if row.window.shape[-1] != width:  # a row that has seen no forward yet
@@ -495,7 +553,7 @@ class DharaCache(_BaseCache):
                 return position
         return 0
 
-    def _capture(self, history: mx.array, inputs: mx.array, keep: int) -> mx.array:
+    def _capture(self, history: tuple, inputs: mx.array, keep: int) -> mx.array:
         """Right-padded prefill: each row's window at its last token, when it is in
         this forward (the padding after it is dropped at ``finalize``)."""
         start, count = self.length, inputs.shape[1]
@@ -511,8 +569,7 @@ class DharaCache(_BaseCache):
 
     def _last_inputs(self, history: tuple, size: int) -> mx.array:
         """The last ``size`` canon inputs [B, size, width] (zeros before the first)."""
-        pieces = self._window if self._window else history
-        return _last_rows(mx.concatenate(list(pieces), axis=1), size)
+        return _last_rows(history_array(self._window if self._window else history), size)
 
     def rewind(self) -> Optional[int]:
         """Before a replay: back to where the canon state is; the position, or None."""

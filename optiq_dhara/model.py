@@ -110,12 +110,13 @@ class ModelArgs(BaseModelArgs):
         return self.logit_softcap if self.use_logit_softcap and self.logit_softcap else None
 
 
-def canon_conv(x, history, start: int, conv: Optional[dict], valid, flags) -> mx.array:
+def canon_conv(x, history, site: tuple[int, int], conv: Optional[dict], valid, flags) -> mx.array:
     """Causal depthwise conv of one canon site over x [B, L, C].
 
     ``history`` holds the layer's last K-1 canon inputs as pieces along the
-    sequence ([B, n, width] each, n summing to K-1), this site's channels being
-    ``start .. start + C``; ``conv`` the site's ``nn.Conv1d`` (None: the site is off);
+    sequence (n rows each, n summing to K-1): an array [B, n, width], in which
+    this site's channels start at ``site[1]``, or a tuple of each site's [B, n, C]
+    (as a cache kept a forward's inputs), this site's being number ``site[0]``; ``conv`` the site's ``nn.Conv1d`` (None: the site is off);
     ``valid`` [B, K-1+L, 1] which inputs are tokens (None: all); ``flags``
     (residual, activation). ``weight`` is MLX's conv layout (C, K, 1); tap j
     multiplies input t - K + 1 + j. Written as multiply-adds over the taps, in
@@ -126,8 +127,11 @@ def canon_conv(x, history, start: int, conv: Optional[dict], valid, flags) -> mx
     if conv is None:
         return x
     residual, activation = flags
-    channels = x.shape[-1]
-    rows = [p[:, i : i + 1, start : start + channels] for p in history for i in range(p.shape[1])]
+    index, start = site
+    rows = []
+    for piece in history:
+        part = piece[index] if isinstance(piece, tuple) else piece[..., start : start + x.shape[-1]]
+        rows += [part] if part.shape[1] == 1 else [part[:, i : i + 1] for i in range(part.shape[1])]
     rows.append(x)
     if valid is not None:  # left padding of a batch reads as zeros
         rows[:-1] = [mx.where(valid[:, i : i + 1], r, 0) for i, r in enumerate(rows[:-1])]
@@ -148,35 +152,35 @@ def canon_conv(x, history, start: int, conv: Optional[dict], valid, flags) -> mx
 
 
 @mx.compile
-def norm_then_canon(x, norm, eps: float, history, start: int, conv, valid, flags):
+def norm_then_canon(x, norm, eps: float, history, site, conv, valid, flags):
     """RMSNorm, then a canon site: (the normed x, the site's input; the site's output)."""
     normed = mx.fast.rms_norm(x, norm, eps)
-    return normed, canon_conv(normed, history, start, conv, valid, flags)
+    return normed, canon_conv(normed, history, site, conv, valid, flags)
 
 
 @mx.compile
-def add_norm_then_canon(x, update, norm, eps: float, history, start: int, conv, valid, flags):
+def add_norm_then_canon(x, update, norm, eps: float, history, site, conv, valid, flags):
     """The residual sum ``x + update``, then ``norm_then_canon`` of it."""
     h = x + update
     normed = mx.fast.rms_norm(h, norm, eps)
-    return h, normed, canon_conv(normed, history, start, conv, valid, flags)
+    return h, normed, canon_conv(normed, history, site, conv, valid, flags)
 
 
 @mx.compile
-def gate_then_canon(gate, up, history, start: int, conv, valid, flags):
+def gate_then_canon(gate, up, history, site, conv, valid, flags):
     """SwiGLU, then canon site D: (the site's input, its output)."""
     u = nn.silu(gate) * up
-    return u, canon_conv(u, history, start, conv, valid, flags)
+    return u, canon_conv(u, history, site, conv, valid, flags)
 
 
 @mx.compile
-def canon_b_heads(qkv, history, starts, convs, valid, flags, heads, rope, norms, eps: float):
+def canon_b_heads(qkv, history, sites, convs, valid, flags, heads, rope, norms, eps: float):
     """Canon site B over q, k and v, then each as [B, heads, L, head_dim]; RoPE on q
     and k (``rope``: the layer's cos and sin tables), QK-norm after it (``norms``:
     the q and k weights, or None)."""
     out = []
     for i, x in enumerate(qkv):
-        x = canon_conv(x, history, starts[i], convs[i], valid, flags)
+        x = canon_conv(x, history, sites[i], convs[i], valid, flags)
         B, L, _ = x.shape
         x = x.reshape(B, L, heads[i], -1).transpose(0, 2, 1, 3)
         if i < 2:
@@ -284,17 +288,20 @@ class Attention(nn.Module):
         self._flags = (args.canon_residual, args.canon_activation)
 
     def __call__(
-        self, x, mask, cache: Optional[DharaCache], history, start: int, valid, rope
+        self, x, mask, cache: Optional[DharaCache], history, sites: tuple, valid, rope
     ) -> tuple[mx.array, tuple]:
-        """The attention output, and canon site B's inputs (q, k, v)."""
+        """The attention output, and canon site B's inputs (q, k, v); ``sites``: where
+        q, k and v are in the history (``canon_conv``)."""
         B, L, _ = x.shape
         qkv = (self["q_proj"](x), self["k_proj"](x), self["v_proj"](x))
-        q_width, kv_width = qkv[0].shape[-1], qkv[1].shape[-1]
-        starts = (start, start + q_width, start + q_width + kv_width)
-        convs = tuple(site_conv(self, f"canon_b_{name}") for name in "qkv")
+        convs = (
+            site_conv(self, "canon_b_q"),
+            site_conv(self, "canon_b_k"),
+            site_conv(self, "canon_b_v"),
+        )
         norms = (self["q_norm"]["weight"], self["k_norm"]["weight"]) if "q_norm" in self else None
         queries, keys, values = canon_b_heads(
-            qkv, history, starts, convs, valid, self._flags, self._heads, rope, norms, self.eps
+            qkv, history, sites, convs, valid, self._flags, self._heads, rope, norms, self.eps
         )
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
@@ -319,11 +326,11 @@ class MLP(nn.Module):
         self.canon_d = Canon(hidden, args) if "D" in args.canon_set else None
         self._flags = (args.canon_residual, args.canon_activation)
 
-    def __call__(self, x: mx.array, history, start: int, valid) -> tuple[mx.array, mx.array]:
+    def __call__(self, x: mx.array, history, site: tuple, valid) -> tuple[mx.array, mx.array]:
         """The MLP output, and canon site D's input."""
         conv = site_conv(self, "canon_d")
         u, y = gate_then_canon(
-            self["gate_proj"](x), self["up_proj"](x), history, start, conv, valid, self._flags
+            self["gate_proj"](x), self["up_proj"](x), history, site, conv, valid, self._flags
         )
         return self["down_proj"](y), u
 
@@ -352,11 +359,19 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
         widths = canon_widths(args)
         self._width = sum(widths.values())
-        self._starts, total = {}, 0
-        for site in "abcd":  # where each site's channels begin in the history
-            self._starts[site] = total
-            total += widths.get(site, 0)
+        q_width = args.num_attention_heads * args.head_dim
+        kv_width = args.num_key_value_heads * args.head_dim
+        parts = {"a": widths.get("a", 0), "q": q_width, "k": kv_width, "v": kv_width}
+        parts.update(c=widths.get("c", 0), d=widths.get("d", 0))
+        if "b" not in widths:
+            parts.update(q=0, k=0, v=0)
+        self._sites, index, start = {}, 0, 0
+        for name, width in parts.items():  # (number, first channel) of each site stored
+            self._sites[name] = (index, start)
+            index, start = index + (width > 0), start + width
+        self._qkv_sites = (self._sites["q"], self._sites["k"], self._sites["v"])
         self._stored = tuple(site in widths for site in "abcd")
+        self._all_sites = all(self._stored)
         self._history_len = args.canon_kernel - 1
         self._flags = (args.canon_residual, args.canon_activation)
         self.eps = args.rms_norm_eps
@@ -368,36 +383,38 @@ class DecoderLayer(nn.Module):
         if zeros is None:
             zeros = mx.zeros((x.shape[0], self._history_len, self._width), x.dtype)
         history = (zeros,) if cache is None else cache.canon_history(zeros)
-        starts, flags = self._starts, self._flags
+        sites, flags = self._sites, self._flags
         a_in, a = norm_then_canon(
             x,
             self["input_layernorm"]["weight"],
             self.eps,
             history,
-            starts["a"],
+            sites["a"],
             site_conv(self, "canon_a"),
             valid,
             flags,
         )
-        attention, qkv = self["self_attn"](a, mask, cache, history, starts["b"], valid, rope)
+        attention, qkv = self["self_attn"](a, mask, cache, history, self._qkv_sites, valid, rope)
         h, c_in, c = add_norm_then_canon(
             x,
             attention,
             self["post_attention_layernorm"]["weight"],
             self.eps,
             history,
-            starts["c"],
+            sites["c"],
             site_conv(self, "canon_c"),
             valid,
             flags,
         )
-        mlp, d_in = self["mlp"](c, history, starts["d"], valid)
+        mlp, d_in = self["mlp"](c, history, sites["d"], valid)
         out = h + mlp
         if cache is not None:
-            a_on, b_on, c_on, d_on = self._stored
-            sites = [a_in] * a_on + list(qkv) * b_on + [c_in] * c_on + [d_in] * d_on
-            inputs = mx.concatenate(sites, axis=-1) if sites else x[..., :0]
-            kept = cache.append_canon(history, inputs)
+            if self._all_sites:
+                inputs = (a_in, *qkv, c_in, d_in)
+            else:
+                a_on, b_on, c_on, d_on = self._stored
+                inputs = (a_in,) * a_on + qkv * b_on + (c_in,) * c_on + (d_in,) * d_on
+            kept = cache.append_canon(history, inputs or (x[..., :0],))
             if kept is not None:
                 out = mx.depends(out, kept)
         return out

@@ -70,9 +70,9 @@ class SlotLayer:
         used = owner._used
         return owner.keys[i][:, :, :used], owner.values[i][:, :, :used]
 
-    def append_canon(self, history: tuple, inputs: mx.array) -> None:
+    def append_canon(self, history: tuple, inputs: tuple) -> None:
         """Keep the inputs until ``commit`` takes the rows' tails from them."""
-        self._owner._pending[self._index] = (*history, inputs)
+        self._owner._pending[self._index] = (*history, mx.concatenate(inputs, axis=-1))
 
 
 class SlotCache:

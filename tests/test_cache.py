@@ -24,7 +24,7 @@ from mlx_lm.models.cache import (
 from mlx_lm.utils import load_model, load_tokenizer
 
 from optiq_dhara import model as dhara
-from optiq_dhara.cache import DharaCache
+from optiq_dhara.cache import DharaCache, history_array
 from optiq_dhara.masks import block_causal_mask
 
 TOLERANCE = 1e-5
@@ -222,8 +222,8 @@ def test_kv_bits_generation_keeps_the_float_canon_history(kv_model, tokenizer, g
         assert max_error(response.logprobs, logprobs) <= TOLERANCE
     for layer in cache:
         assert isinstance(layer, DharaCache) and isinstance(layer.kv, QuantizedKVCache)
-        history = layer.canon_history(mx.zeros((1, 3, 0), mx.float16))
-        assert all(piece.dtype == mx.float32 for piece in history)
+        history = history_array(layer.canon_history(mx.zeros((1, 3, 0), mx.float16)))
+        assert history.dtype == mx.float32 and history.shape[:2] == (1, 3)
         # generate_step has already run the forward of its last token
         assert layer.size() == layer.offset == prompt.size + steps
 
@@ -377,7 +377,7 @@ def test_to_quantized_keeps_the_canon_state(kv_model, golden):
     kv_model(golden["ids_a"][:, :5], cache=cache)
     quantized = cache[0].to_quantized(group_size=32, bits=8)
     zeros = mx.zeros((2, 3, 0))
-    history = [mx.concatenate(c.canon_history(zeros), axis=1) for c in (quantized, cache[0])]
+    history = [history_array(c.canon_history(zeros)) for c in (quantized, cache[0])]
     assert mx.array_equal(*history)
     assert isinstance(quantized.kv, QuantizedKVCache) and quantized.offset == 5
     assert quantized.to_quantized(group_size=32, bits=8) is quantized

@@ -102,9 +102,9 @@ class _CleanRecord:
         self.keys, self.values = keys, values
         return keys, values
 
-    def append_canon(self, history: tuple, inputs: mx.array) -> None:
+    def append_canon(self, history: tuple, inputs: tuple) -> None:
         """Keep ``inputs``; nothing is written, so the output waits on nothing new."""
-        self.canon = inputs
+        self.canon = mx.concatenate(inputs, axis=-1)
 
 
 def _record(model: nn.Module, tokens: mx.array, mask) -> tuple[mx.array, list[_CleanRecord]]:
@@ -165,7 +165,7 @@ class _BlockPrefix:
             mx.concatenate([self._per_row(self.record.values, rows), values], axis=2),
         )
 
-    def append_canon(self, history: tuple, inputs: mx.array) -> None:
+    def append_canon(self, history: tuple, inputs: tuple) -> None:
         """Nothing to keep: the clean record holds every canon input."""
 
 
