@@ -64,7 +64,8 @@ def timed_engine(model, prompts, mode: str, max_tokens: int, **options) -> tuple
     return sum(len(o) for o in outputs), time.perf_counter() - start
 
 
-def timed_llama(twin, prompts, max_tokens: int) -> tuple[int, float]:
+def timed_batch_generator(twin, prompts, max_tokens: int) -> tuple[int, float]:
+    """Tokens generated and seconds taken by mlx-lm's BatchGenerator on any mlx-lm model."""
     start = time.perf_counter()
     generator = BatchGenerator(twin, max_tokens=max_tokens, completion_batch_size=len(prompts))
     generator.insert(prompts, [max_tokens] * len(prompts))
@@ -151,7 +152,7 @@ def main(
     warm = [make_prompt(model, prompt_len, 0, text_ids)] * 2
     for mode in MODES:
         timed_engine(model, warm, mode, 4, **options)
-    timed_llama(twin, warm, 4)
+    timed_batch_generator(twin, warm, 4)
     for count in counts if throughput else []:
         prompts = [
             make_prompt(model, prompt_len, seed, text_ids[seed:] if text_ids else None)
@@ -159,7 +160,7 @@ def main(
         ]
         best: dict[str, tuple[int, float]] = {}
         for _ in range(repeats):
-            runs = {"llama": timed_llama(twin, prompts, max_tokens)}
+            runs = {"llama": timed_batch_generator(twin, prompts, max_tokens)}
             for mode in MODES:
                 runs[mode] = timed_engine(model, prompts, mode, max_tokens, **options)
             for run, (tokens, seconds) in runs.items():

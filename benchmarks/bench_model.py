@@ -103,13 +103,6 @@ def peak_bytes(model: nn.Module, length: int, steps: int) -> int:
     return mx.get_peak_memory()
 
 
-def cache_bytes_per_token(args: dhara.ModelArgs, itemsize: int) -> tuple[int, int]:
-    """(canon history, KV) bytes per token, all layers, as the dhara cache stores them."""
-    canon = sum(dhara.canon_widths(args).values())
-    kv = 2 * args.num_key_value_heads * args.head_dim
-    return args.num_hidden_layers * canon * itemsize, args.num_hidden_layers * kv * itemsize
-
-
 def main(
     shape: str = typer.Option("small", help=f"one of {', '.join(SHAPES)}"),
     steps: int = typer.Option(64, help="decode steps per model, in lockstep"),
@@ -148,11 +141,7 @@ def main(
     )
     fill_ratio = statistics.median(fill["dhara"]) / statistics.median(fill["llama"])
     typer.echo(f"prefill time dhara/llama: {fill_ratio:.3f}")
-    canon, kv = cache_bytes_per_token(models["dhara"].args, 4)
-    typer.echo(
-        f"cache bytes per token (float32, all layers): canon history {canon}, KV {kv}, "
-        f"canon/KV {canon / kv:.2f}"
-    )
+    typer.echo("cache bytes per token: benchmarks/bench_step.py --sections memory")
 
 
 if __name__ == "__main__":

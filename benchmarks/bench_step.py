@@ -13,7 +13,9 @@ weights, the same hidden, heads, KV heads, intermediate and vocabulary):
   on the depth), reported for the full depth;
 - ``prefill``: one cached forward of ``--prefill`` tokens;
 - ``spec``: the cost of one self-speculation round of the runtime (draft and
-  verify; random weights accept almost nothing, so every round does the same work).
+  verify; random weights accept almost nothing, so every round does the same work);
+- ``parts``: the evaluation of one batched decode forward (the largest ``--batch``)
+  of dhara, of dhara without its soft-cap or canon sites, and of llama.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python benchmarks/bench_step.py --sections step,prefill,spec,memory
@@ -26,18 +28,19 @@ import time
 
 import mlx.core as mx
 import typer
-from mlx_lm.generate import BatchGenerator
+from bench_batch import timed_batch_generator  # this folder is on the path
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from optiq_dhara import model as dhara
 from optiq_dhara.runtime import decode
 
-SECTIONS = ("step", "batch", "memory", "prefill", "spec")
+SECTIONS = ("step", "batch", "memory", "prefill", "spec", "parts")
 
 
-def build_pair(layers: int, vocab: int = 49155) -> dict:
-    """dhara and llama at dhara-250m's widths, ``layers`` deep, random float32 weights."""
+def build_pair(layers: int, vocab: int = 49155, **dhara_changes) -> dict:
+    """dhara and llama at dhara-250m's widths, ``layers`` deep, random float32 weights
+    (``dhara_changes``: other dhara config values)."""
     common = dict(
         hidden_size=768,
         num_hidden_layers=layers,
@@ -51,7 +54,7 @@ def build_pair(layers: int, vocab: int = 49155) -> dict:
     )
     mx.random.seed(0)
     models = {
-        "dhara": dhara.Model(dhara.ModelArgs(mask_token_id=vocab - 1, **common)),
+        "dhara": dhara.Model(dhara.ModelArgs(mask_token_id=vocab - 1, **common, **dhara_changes)),
         "llama": llama.Model(llama.ModelArgs(model_type="llama", **common)),
     }
     for model in models.values():
@@ -126,17 +129,6 @@ def section_step(models: dict, context: int, steps: int, rounds: int) -> None:
     typer.echo("dhara / llama: " + ", ".join(parts))
 
 
-def batch_generator_seconds(model, prompts: list, max_tokens: int) -> tuple[int, float]:
-    start = time.perf_counter()
-    generator = BatchGenerator(model, max_tokens=max_tokens, completion_batch_size=len(prompts))
-    generator.insert(prompts, [max_tokens] * len(prompts))
-    generated = 0
-    while responses := generator.next_generated():
-        generated += len(responses)
-    generator.close()
-    return generated, time.perf_counter() - start
-
-
 def section_batch(models: dict, sizes: list, prompt_len: int, max_tokens: int, repeats: int):
     typer.echo(
         f"\n## BatchGenerator, {prompt_len}-token prompts, {max_tokens} tokens each, "
@@ -150,7 +142,7 @@ def section_batch(models: dict, sizes: list, prompt_len: int, max_tokens: int, r
         best = {name: 0.0 for name in models}
         for _ in range(repeats):
             for name, model in models.items():
-                generated, seconds = batch_generator_seconds(model, prompts, max_tokens)
+                generated, seconds = timed_batch_generator(model, prompts, max_tokens)
                 best[name] = max(best[name], generated / seconds)
         ratio = best["dhara"] / best["llama"]
         typer.echo(f"| {size} | {best['dhara']:.1f} | {best['llama']:.1f} | {ratio:.3f} |")
@@ -206,6 +198,49 @@ def section_spec(model, draft: int, rounds: int, context: int) -> None:
     )
 
 
+def section_parts(layers: int, rows: int, steps: int = 10) -> None:
+    """Evaluation of one batched decode forward (merged ``BatchKVCache``, prompts of
+    58-64 tokens) of dhara, of dhara without its soft-cap, without its canon sites,
+    without both and QK-norm, and of llama: where dhara's extra time goes."""
+    from mlx_lm.generate import _merge_caches
+
+    variants = {
+        "dhara": {},
+        "no soft-cap": {"use_logit_softcap": False},
+        "no canon": {"canon_set": ""},
+        "neither, no QK-norm": {"canon_set": "", "use_logit_softcap": False, "use_qk_norm": False},
+    }
+    models = {name: build_pair(layers, **changes)["dhara"] for name, changes in variants.items()}
+    models["llama"] = build_pair(layers)["llama"]
+    lengths = [64 - i % 7 for i in range(rows)]
+    state = {}
+    for name, model in models.items():
+        caches = []
+        for i, length in enumerate(lengths):
+            cache = make_prompt_cache(model)
+            model(mx.array([[3 + i] * length]), cache=cache)
+            caches.append(cache)
+        state[name] = _merge_caches(caches)
+        mx.eval([c.state for c in state[name]])
+    token = mx.array([[5]] * rows)
+    times = {name: [] for name in models}
+    for step in range(steps + 2):
+        for name, model in models.items():
+            logits = model(token, cache=state[name])[:, -1]
+            start = time.perf_counter()
+            mx.eval(mx.argmax(logits, axis=-1))
+            if step >= 2:
+                times[name].append(time.perf_counter() - start)
+    reference = statistics.median(times["llama"])
+    typer.echo(f"\n## parts of a batched decode forward, {rows} rows, {layers} layers")
+    typer.echo("| model | eval ms | / llama |")
+    typer.echo("|---|---:|---:|")
+    for name, xs in times.items():
+        typer.echo(
+            f"| {name} | {statistics.median(xs) * 1e3:.2f} | {statistics.median(xs) / reference:.3f} |"
+        )
+
+
 def main(
     sections: str = typer.Option(",".join(SECTIONS), help=f"any of {', '.join(SECTIONS)}"),
     layers: int = typer.Option(32, help="depth of both models (the 250m has 32)"),
@@ -226,7 +261,7 @@ def main(
     if unknown:
         raise typer.BadParameter(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     typer.echo(f"dhara-250m widths, {layers} layers, float32, {mx.default_device()}")
-    models = build_pair(layers) if set(chosen) - {"memory"} else {}
+    models = build_pair(layers) if set(chosen) - {"memory", "parts"} else {}
     if "step" in chosen:
         section_step(models, context, steps, step_rounds)
     if "batch" in chosen:
@@ -236,6 +271,8 @@ def main(
         section_prefill(models, prefill, max(rounds // 4, 1))
     if "spec" in chosen:
         section_spec(models["dhara"], draft, rounds, context)
+    if "parts" in chosen:
+        section_parts(layers, max(int(b) for b in batch.split(",")))
     if "memory" in chosen:
         section_memory([int(n) for n in lengths.split(",")], layers)
 
