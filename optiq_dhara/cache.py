@@ -104,7 +104,8 @@ def _full(piece) -> mx.array:
 
 
 def history_array(pieces) -> mx.array:
-    """``canon_history``'s pieces as one array [B, K-1, width]."""
+    """Pieces of canon inputs (``canon_history``'s, or a window's) as one array
+    [B, rows, width]."""
     return mx.concatenate([_full(piece) for piece in pieces], axis=1)
 
 
@@ -219,7 +220,7 @@ class DharaCache(_BaseCache):
     def state(self):
         tokens = self._token_array()
         self._tokens = [tokens]
-        window = mx.concatenate([_full(p) for p in self._window], axis=1) if self._window else None
+        window = history_array(self._window) if self._window else None
         positions, rows, tails = [], [], []
         for row, held in enumerate(self._checkpoints):
             for position, tail in held.items():
@@ -452,7 +453,7 @@ class DharaCache(_BaseCache):
 
     def _window_array(self) -> mx.array:
         if len(self._window) > 1 or isinstance(self._window[0], tuple):
-            self._window = [mx.concatenate([_full(p) for p in self._window], axis=1)]
+            self._window = [history_array(self._window)]
             self._one_row_chunks = int(self._window[0].shape[1] == 1)
         return self._window[0]
 
@@ -585,7 +586,9 @@ class DharaCache(_BaseCache):
         return start
 
 
-def prepare_forward(model, caches: list, inputs: Optional[mx.array], own_mask: bool, shape) -> None:
+def prepare_forward(
+    model, caches: list, inputs: Optional[mx.array], own_mask: bool, shape: tuple[int, int]
+) -> None:
     """Before ``model``'s forward over ``DharaCache`` layers: replay what a deep trim
     left to recompute, then record the forward's token ids (``shape`` = (B, L))."""
     first = caches[0]
