@@ -30,8 +30,9 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
+from .cache import CHECKPOINT  # a row keeps its canon tail at every multiple of this position
+
 STEP = 256  # capacity grows in whole steps of positions
-CHECKPOINT = 256  # a row keeps its canon tail at every multiple of this position
 
 Tails = list[mx.array]  # one [K-1, width] array per layer
 
