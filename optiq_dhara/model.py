@@ -110,19 +110,23 @@ class ModelArgs(BaseModelArgs):
         return self.logit_softcap if self.use_logit_softcap and self.logit_softcap else None
 
 
-def canon_conv(x, history, site: tuple[int, int], conv: Optional[dict], valid, flags) -> mx.array:
+def canon_conv(
+    x, history, site: tuple[int, int], conv: Optional[nn.Module], valid, flags
+) -> mx.array:
     """Causal depthwise conv of one canon site over x [B, L, C].
 
     ``history`` holds the layer's last K-1 canon inputs as pieces along the
     sequence (n rows each, n summing to K-1): an array [B, n, width], in which
     this site's channels start at ``site[1]``, or a tuple of each site's [B, n, C]
-    (as a cache kept a forward's inputs), this site's being number ``site[0]``; ``conv`` the site's ``nn.Conv1d`` (None: the site is off);
-    ``valid`` [B, K-1+L, 1] which inputs are tokens (None: all); ``flags``
-    (residual, activation). ``weight`` is MLX's conv layout (C, K, 1); tap j
-    multiplies input t - K + 1 + j. Written as multiply-adds over the taps, in
+    (as a cache kept a forward's inputs), this site's being number ``site[0]``.
+    ``conv`` is the site's ``nn.Conv1d`` (None: the site is off; its weight in
+    MLX's layout (C, K, 1), tap j multiplying input t - K + 1 + j); ``valid``
+    [B, K-1+L, 1] says which inputs are tokens (None: all); ``flags`` are
+    (residual, activation). Written as multiply-adds over the taps, in
     ``mx.conv1d``'s order (so the sums are the same), because the CPU backend's
-    grouped conv is slow at these shapes; a decoded token (L = 1) reads the history
-    rows where they are, with no copy. Called inside the compiled functions below.
+    grouped conv is slow at these shapes; a decoded token (L = 1) reads the
+    history rows where they are, with no copy. Called inside the compiled
+    functions below.
     """
     if conv is None:
         return x
@@ -192,7 +196,7 @@ def canon_b_heads(qkv, history, sites, convs, valid, flags, heads, rope, norms, 
 
 
 class Canon(nn.Module):
-    """Parameters of one canon site: a depthwise ``conv`` (checkpoint name) and its flags."""
+    """Parameters of one canon site: a depthwise ``conv`` (the checkpoint's name)."""
 
     def __init__(self, channels: int, args: ModelArgs):
         super().__init__()
