@@ -19,9 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import optiq_dhara.serve.app as app_module
 import optiq_dhara.serve.engine as engine_module
-from optiq_dhara.runtime import TextChunk, stream_text
+from optiq_dhara.runtime import stream_text
 from optiq_dhara.runtime.text import encode_prompt
 from optiq_dhara.serve.app import ServerConfig, background_server, create_app
 from optiq_dhara.serve.engine import Worker
@@ -254,36 +253,10 @@ def test_tool_results_reach_the_template(server, tiny):
 
 
 @pytest.fixture
-def scripted(golden_dir, monkeypatch):
-    """A server whose text is scripted (as in tests/test_serve.py): a Hermes tool call."""
-    seen = {}
-    pieces = [
-        "Let me check. <tool",
-        '_call>\n{"name": "get_weather", ',
-        '"arguments": {"city": "Paris"}}\n</tool_call>',
-    ]
-
-    class ScriptedText:
-        def __init__(self, tokenizer, *, stop=(), stop_ids=()):
-            self.stop_ids, self.left = frozenset(stop_ids), list(pieces)
-            self.finished = self.stopped_by_string = False
-
-        def feed(self, step):
-            ends = len(self.left) == 1 or step.stats.finish_reason is not None
-            text = "".join(self.left) if ends else self.left.pop(0)
-            if ends:
-                self.finished = self.stopped_by_string = True
-                step.stats.finish_reason = "stop"
-            return TextChunk(text, step.tokens, step.stats, step.stats.finish_reason)
-
-    def recording_encode(tokenizer, prompt, *, chat, tools=None):
-        seen.update(prompt=prompt, tools=tools, chat=chat)
-        return encode_prompt(tokenizer, prompt, chat=chat, tools=tools)
-
-    monkeypatch.setattr(engine_module, "TextStream", ScriptedText)
-    monkeypatch.setattr(app_module, "encode_prompt", recording_encode)
+def scripted(golden_dir, scripted_tool_call):
+    """A server whose text is a scripted Hermes tool call (``scripted_tool_call``)."""
     with serving(lambda: mlx_lm.load(str(golden_dir))) as running:
-        running.seen = seen
+        running.seen = scripted_tool_call
         yield running
 
 

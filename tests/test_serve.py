@@ -18,9 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import optiq_dhara.serve.app as app_module
 import optiq_dhara.serve.engine as engine_module
-from optiq_dhara.runtime import TextChunk, stream_text
+from optiq_dhara.runtime import stream_text
 from optiq_dhara.runtime.text import encode_prompt
 from optiq_dhara.serve.app import ServerConfig, background_server, create_app
 from optiq_dhara.serve.engine import Worker
@@ -300,41 +299,10 @@ def test_tool_results_go_back_into_the_template(server, tiny):
 
 
 @pytest.fixture
-def scripted_server(golden_dir, monkeypatch):
-    """A server whose text is scripted (a model stub, for tool-call routing only).
-
-    The random tiny model never writes a tool call: the worker's ``TextStream`` is
-    replaced by one that hands out these pieces, one per step, whatever the model
-    decodes, and the prompt encoding records what the server handed it.
-    """
-    seen = {}
-    pieces = [
-        "Let me check. <tool",
-        '_call>\n{"name": "get_weather", ',
-        '"arguments": {"city": "Paris"}}\n</tool_call>',
-    ]
-
-    class ScriptedText:
-        def __init__(self, tokenizer, *, stop=(), stop_ids=()):
-            self.stop_ids, self.left = frozenset(stop_ids), list(pieces)
-            self.finished = self.stopped_by_string = False
-
-        def feed(self, step):
-            ends = len(self.left) == 1 or step.stats.finish_reason is not None
-            text = "".join(self.left) if ends else self.left.pop(0)
-            if ends:  # as a stop string would end it
-                self.finished = self.stopped_by_string = True
-                step.stats.finish_reason = "stop"
-            return TextChunk(text, step.tokens, step.stats, step.stats.finish_reason)
-
-    def recording_encode(tokenizer, prompt, *, chat, tools=None):
-        seen.update(prompt=prompt, tools=tools, chat=chat)
-        return encode_prompt(tokenizer, prompt, chat=chat, tools=tools)
-
-    monkeypatch.setattr(engine_module, "TextStream", ScriptedText)
-    monkeypatch.setattr(app_module, "encode_prompt", recording_encode)
+def scripted_server(golden_dir, scripted_tool_call):
+    """A server whose text is a scripted tool call, for tool-call routing only."""
     with serving(lambda: mlx_lm.load(str(golden_dir))) as running:
-        running.seen = seen
+        running.seen = scripted_tool_call
         yield running
 
 
