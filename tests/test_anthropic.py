@@ -309,6 +309,17 @@ def test_a_generated_tool_call_is_a_tool_use_block(scripted):
     assert plain.stop_reason == "end_turn" and "<tool_call>" in text_of(plain)
 
 
+def post_raw(server, body) -> httpx.Response:
+    """POST ``body`` (bytes as they are, anything else as JSON) to /v1/messages."""
+    content = body if isinstance(body, bytes) else json.dumps(body)
+    return httpx.post(
+        f"{server.url}/v1/messages",
+        content=content,
+        headers={"x-api-key": KEY, "content-type": "application/json"},
+        timeout=60,
+    )
+
+
 def test_the_api_key_is_required(server):
     for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"}):
         response = httpx.post(
@@ -363,13 +374,7 @@ GOOD = {"model": "golden_tiny", "max_tokens": 4, "messages": HELLO}
     ],
 )
 def test_bad_requests_get_a_400_in_anthropic_shape(server, body):
-    content = body if isinstance(body, bytes) else json.dumps(body)
-    response = httpx.post(
-        f"{server.url}/v1/messages",
-        content=content,
-        headers={"x-api-key": KEY, "content-type": "application/json"},
-        timeout=60,
-    )
+    response = post_raw(server, body)
     assert response.status_code == 400, response.text
     assert error_of(response)["type"] == "invalid_request_error"
 
@@ -512,13 +517,7 @@ def bodies(draw):
 )
 @given(body=bodies())
 def test_fuzzed_bodies_never_get_a_5xx(server, body):
-    content = body if isinstance(body, bytes) else json.dumps(body)
-    response = httpx.post(
-        f"{server.url}/v1/messages",
-        content=content,
-        headers={"x-api-key": KEY, "content-type": "application/json"},
-        timeout=60,
-    )
+    response = post_raw(server, body)
     assert response.status_code < 500, response.text
     if response.status_code >= 400:
         error_of(response)
