@@ -1,6 +1,6 @@
 """The token-level entry points: ``decode`` streams steps, ``generate_ids`` collects them."""
 
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from .engine import Engine, Row
 from .prefix_cache import PrefixCache
@@ -18,22 +18,37 @@ def make_request(
     top_k: int = 0,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Optional[Mapping[int, float]] = None,
     seed: Optional[int] = None,
     stop_ids: Iterable[int] = (),
     block_len: int = 32,
     threshold: float = 0.5,
     k: int = 8,
+    logprobs: Optional[int] = None,
 ) -> tuple[Settings, Sampling]:
     """The decoding options of one request, checked: its ``Settings`` and ``Sampling``
     (with a concrete seed when sampled). The one list of options that ``decode``,
     ``generate_ids``, ``generate_batch``, the CLI and the server take.
 
-    Each bad value is a ``ValueError`` naming it.
+    The penalties and ``logit_bias`` are described at ``sampling.adjust_logits``,
+    ``logprobs`` at ``Settings``. Each bad value is a ``ValueError`` naming it.
     """
-    settings = Settings(
-        mode, max_tokens, frozenset(int(t) for t in stop_ids), block_len, threshold, k
+    stops = frozenset(int(t) for t in stop_ids)
+    settings = Settings(mode, max_tokens, stops, block_len, threshold, k, logprobs)
+    bias = tuple(sorted((int(t), float(b)) for t, b in (logit_bias or {}).items()))
+    sampling = Sampling(
+        temperature,
+        top_p,
+        top_k,
+        min_p,
+        repetition_penalty,
+        seed,
+        presence_penalty,
+        frequency_penalty,
+        bias,
     )
-    sampling = Sampling(temperature, top_p, top_k, min_p, repetition_penalty, seed)
     settings.validate()
     sampling.validate()
     return settings, sampling.with_seed()
@@ -45,7 +60,7 @@ def decode(
     """Decode after ``prompt_ids``, yielding tokens as soon as they are final.
 
     ``options`` are ``make_request``'s (``mode``, ``max_tokens``, sampling,
-    ``stop_ids``, ``block_len``, ``threshold``, ``k``), checked here before the
+    ``stop_ids``, ``block_len``, ``threshold``, ``k``, ``logprobs``), checked here before the
     first step, as is the mode against the model's modes (diffusion and spec need
     its MASK token). The last step's ``stats.finish_reason`` is "stop" (a stop id
     was generated, and is the last token) or "length" (``max_tokens`` reached).

@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .sampling import Sampling, adjust_logits, adjust_rows, choose_rows, presence
+from .sampling import (
+    Sampling,
+    adjust_logits,
+    adjust_rows,
+    choose_rows,
+    logprob_report,
+    read_report,
+    token_counts,
+    token_logprob,
+)
 from .stats import Step
 
 if TYPE_CHECKING:
@@ -24,14 +33,19 @@ if TYPE_CHECKING:
 
 
 def denoise_arrays(
-    logits: mx.array, seen, positions: list[int], sampling: Sampling, threshold: float, mask_id: int
+    logits: mx.array,
+    counts,
+    positions: list[int],
+    sampling: Sampling,
+    threshold: float,
+    mask_id: int,
 ) -> tuple[mx.array, mx.array]:
     """Predictions and commit flags [n] of the masked positions from their logits [n, vocab].
 
     The confidence of a prediction is its float32 probability (MASK excluded);
     positions at or above ``threshold`` commit, and always the most confident one.
     """
-    adjusted = adjust_logits(logits, seen, sampling, mask_id)
+    adjusted = adjust_logits(logits, counts, sampling, mask_id)
     n = len(positions)
     tokens, confidence = choose_rows(adjusted, [sampling] * n, positions, confidence=True)
     best = mx.arange(n) == mx.argmax(confidence)
@@ -39,10 +53,15 @@ def denoise_arrays(
 
 
 def denoise(
-    logits: mx.array, seen, positions: list[int], sampling: Sampling, threshold: float, mask_id: int
+    logits: mx.array,
+    counts,
+    positions: list[int],
+    sampling: Sampling,
+    threshold: float,
+    mask_id: int,
 ) -> tuple[list[int], list[bool]]:
     """``denoise_arrays`` as lists."""
-    tokens, commit = denoise_arrays(logits, seen, positions, sampling, threshold, mask_id)
+    tokens, commit = denoise_arrays(logits, counts, positions, sampling, threshold, mask_id)
     return tokens.tolist(), commit.tolist()
 
 
@@ -68,46 +87,55 @@ def diffusion_step(group: "Group") -> list[tuple["Row", Step]]:
     column_index = mx.array([c for _, _, columns in where for c in columns])
     logits = model.head(hidden[slot_index, column_index])
     rows = [slots[b] for b, masked, _ in where for _ in masked]
-    seen = None
-    if any(r.sampling.repetition_penalty != 1.0 for r in rows):
+    counts = None
+    if any(r.sampling.penalized for r in rows):
         contexts = {
-            b: presence(
-                slots[b].seq[: slots[b].start] + [t for t in slots[b].block if t != mask_id], vocab
+            b: token_counts(
+                slots[b].seq[: slots[b].start] + [t for t in slots[b].block if t != mask_id],
+                len(slots[b].prompt),
+                vocab,
             )
             for b, _, _ in where
         }
-        seen = mx.stack([contexts[b] for b, masked, _ in where for _ in masked])
-    penalties = [r.sampling.repetition_penalty for r in rows]
-    adjusted = adjust_rows(logits, seen, penalties, mask_id)
+        counts = mx.stack([contexts[b] for b, masked, _ in where for _ in masked])
+    samplings = [r.sampling for r in rows]
+    adjusted = adjust_rows(logits, counts, samplings, mask_id)
     positions = [slots[b].start + i for b, masked, _ in where for i in masked]
-    tokens, confidence = choose_rows(adjusted, [r.sampling for r in rows], positions, True)
+    tokens, confidence = choose_rows(adjusted, samplings, positions, True)
+    report = logprob_report(adjusted, tokens, [r.settings.logprobs for r in rows])
     thresholds = mx.array([r.settings.threshold for r in rows], mx.float32)
     confident = confidence >= thresholds
     tokens, confidence, confident = tokens.tolist(), confidence.tolist(), confident.tolist()
+    report = read_report(report)
     results, first = [], 0
     for b, masked, _ in where:
         end = first + len(masked)
         scores = confidence[first:end]
         best = scores.index(max(scores))  # the most confident always commits (the first on a tie)
         flags = [c or i == best for i, c in enumerate(confident[first:end])]
-        results.append((slots[b], masked, tokens[first:end], flags))
+        results.append((slots[b], masked, first, tokens[first:end], flags))
         first = end
     events = []
-    for row, masked, row_tokens, flags in results:
+    for row, masked, first, row_tokens, flags in results:
         row.stats.forwards += 1
         row.stats.rounds += 1
         if len(row.committed) != len(row.block):
             row.committed = [None] * len(row.block)
-        for i, token, flag in zip(masked, row_tokens, flags):
+            row.block_logprobs = [None] * len(row.block)
+        top = row.settings.logprobs
+        for j, (i, token, flag) in enumerate(zip(masked, row_tokens, flags)):
             if flag:
                 row.block[i] = token
                 row.committed[i] = row.stats.rounds
+                if top is not None:
+                    row.block_logprobs[i] = token_logprob(report, first + j, token, top)
         wanted = row.settings.max_tokens - row.stats.generated
         new = []
         while row.final < len(row.block) and row.block[row.final] != mask_id and len(new) < wanted:
             new.append(row.block[row.final])
             row.final += 1
-        step = row.emit(row.settings.through_stop(new))
+        logprobs = row.block_logprobs[row.final - len(new) : row.final]
+        step = row.emit(row.settings.through_stop(new), logprobs)
         step.block, step.block_start = list(row.block), row.start
         step.committed = list(row.committed)
         events.append((row, step))

@@ -24,10 +24,10 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from ..slot_cache import SlotCache
-from .ar import ar_step, next_tokens, read_tokens
+from .ar import ar_step, draw, read_tokens
 from .diffusion import diffusion_step
 from .prefix_cache import PrefixCache
-from .sampling import Sampling
+from .sampling import Sampling, read_report, token_logprob
 from .settings import Settings, require_mode
 from .spec import spec_step
 from .stats import Stats, Step
@@ -57,6 +57,7 @@ class Row:
     start: int = 0
     final: int = 0
     committed: list = field(default_factory=list)  # the step that committed each block position
+    block_logprobs: list = field(default_factory=list)  # TokenLogprob of each committed position
 
     @property
     def mode(self) -> str:
@@ -67,9 +68,10 @@ class Row:
         """The block grid of the row's KV: diffusion's block length, None when causal."""
         return self.settings.block_len if self.mode == "diffusion" else None
 
-    def emit(self, tokens: list[int]) -> Step:
+    def emit(self, tokens: list[int], logprobs: Optional[list] = None) -> Step:
         """Record ``tokens`` as final; the Step to hand out, with the finish reason set
-        when the run ends with them."""
+        when the run ends with them (and their TokenLogprobs, when the row asks; extra
+        entries, past a stop, are dropped)."""
         self.seq.extend(tokens)
         self.stats.emitted(len(tokens))
         settings, stats = self.settings, self.stats
@@ -78,7 +80,9 @@ class Row:
         elif stats.generated >= settings.max_tokens:
             stats.finish_reason = "length"
         self.done = stats.finish_reason is not None
-        return Step(tokens, stats)
+        if self.settings.logprobs is None:
+            return Step(tokens, stats)
+        return Step(tokens, stats, logprobs=list(logprobs or [])[: len(tokens)])
 
 
 def run_rows(
@@ -111,8 +115,8 @@ class Group:
         self.model, self.mode, self._step = model, mode, step
         self.cache = SlotCache(model, rows=0)
         self.rows: list[Optional[Row]] = []
-        self.pending: Optional[mx.array] = None  # AR tokens sampled but not read yet
-        self.seen: Optional[mx.array] = None  # AR rows' penalty contexts, pending included
+        self.pending: Optional[tuple] = None  # AR tokens (and report) drawn but not read yet
+        self.counts: Optional[mx.array] = None  # AR rows' penalty contexts, pending included
 
     @property
     def active(self) -> list[Row]:
@@ -125,8 +129,8 @@ class Group:
         """Read what a pipelined step left in flight (before the slots change)."""
         if self.pending is None:
             return []
-        tokens, self.pending = self.pending, None
-        return read_tokens(self, tokens)
+        drawn, self.pending = self.pending, None
+        return read_tokens(self, drawn)
 
     def insert(self, rows: list[Row], source: SlotCache, index: list[int]) -> list:
         """Give each of ``rows`` a slot holding its state, row ``index[i]`` of ``source``.
@@ -203,6 +207,7 @@ class Engine:
         ValueError that names the missing MASK token), before anything runs.
         """
         require_mode(self.model.args, settings.mode)
+        sampling.check_vocab(self.model.args.vocab_size)
         row = Row(prompt, settings, sampling, Stats(settings.mode, len(prompt)), list(prompt))
         self.waiting.append(row)
         return row
@@ -351,14 +356,19 @@ class Engine:
         chosen = [i for i, w in enumerate(which) if w]
         logits = self.model.head(hidden[mx.array(chosen), -1])
         picked = [rows[i] for i in chosen]
-        drawn = next_tokens(self.model, logits, picked, [len(r.seq) for r in picked]).tolist()
+        tokens, report = draw(self.model, logits, picked, [len(r.seq) for r in picked])
+        report = read_report(report)
         events = []
-        for row, token in zip(picked, drawn):
+        for b, (row, token) in enumerate(zip(picked, tokens.tolist())):
             stats = row.stats
             stats.forwards += 1
             stats.rounds += 1  # AR: a token; spec: the anchor's round, with no drafts
             stats.prefilled()
-            events.append((row, row.emit([token])))
+            top = row.settings.logprobs
+            logprobs = None
+            if top is not None:
+                logprobs = [token_logprob(report, b, token, top)]
+            events.append((row, row.emit([token], logprobs)))
         return events
 
 
@@ -370,9 +380,12 @@ def _one_per_row(events: list[tuple[Row, Step]]) -> list[tuple[Row, Step]]:
         if id(row) in merged:
             first = merged[id(row)][1]
             first.tokens.extend(step.tokens)
+            if first.logprobs is not None:
+                first.logprobs.extend(step.logprobs or [])
             if step.block is not None:
                 first.block, first.block_start = step.block, step.block_start
                 first.committed = step.committed
         else:
-            merged[id(row)] = (row, replace(step, tokens=list(step.tokens)))
+            logprobs = None if step.logprobs is None else list(step.logprobs)
+            merged[id(row)] = (row, replace(step, tokens=list(step.tokens), logprobs=logprobs))
     return list(merged.values())

@@ -1,15 +1,17 @@
 """The knobs of a decoding run, checked once before any model call."""
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..model import MODES
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Mode and stopping rules; ``block_len``/``threshold`` are diffusion's (and
-    the draft grid of spec), ``k`` is spec's window (anchor + k-1 drafts)."""
+    """Mode, stopping rules and what to report; ``block_len``/``threshold`` are
+    diffusion's (and the draft grid of spec), ``k`` is spec's window (anchor + k-1
+    drafts); ``logprobs`` (None: off) asks for each generated token's
+    log-probability with that many likeliest alternatives (``sampling.TokenLogprob``)."""
 
     mode: str
     max_tokens: int
@@ -17,6 +19,7 @@ class Settings:
     block_len: int = 32
     threshold: float = 0.5
     k: int = 8
+    logprobs: Optional[int] = None  # report each token's logprob and this many alternatives
 
     def through_stop(self, tokens: list[int]) -> list[int]:
         """``tokens`` up to and including the first stop token."""
@@ -34,6 +37,8 @@ class Settings:
             raise ValueError(f"block_len must be >= 1, got {self.block_len}.")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}.")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0 (or None: off), got {self.logprobs}.")
         if self.k < 2:
             raise ValueError(
                 f"k must be >= 2 (the anchor plus at least one draft token), got {self.k}."

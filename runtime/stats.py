@@ -4,6 +4,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .sampling import TokenLogprob
+
 
 @dataclass
 class Stats:
@@ -83,3 +85,4 @@ class Step:
     block: Optional[list[int]] = None
     block_start: int = 0
     committed: Optional[list[Optional[int]]] = None
+    logprobs: Optional[list[TokenLogprob]] = None  # one per token, when the request asked

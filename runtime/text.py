@@ -25,6 +25,7 @@ from mlx_lm.tokenizer_utils import (
 
 from ..train.tokenizer import CHATML_TEMPLATE
 from .decode import decode
+from .sampling import TokenLogprob
 from .stats import Stats, Step
 
 Prompt = str | Sequence[dict]
@@ -44,6 +45,7 @@ class TextChunk:
     tokens: list[int]
     stats: Stats
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # of the tokens but stop tokens, when asked for
 
 
 def encode_prompt(tokenizer, prompt: Prompt, *, chat: bool, tools=None) -> list[int]:
@@ -155,6 +157,7 @@ class TextStream:
         self._detokenizer = streaming_detokenizer(tokenizer)
         self._unsent = ""  # final text held back because it may start a stop string
         self._tokens: list[int] = []  # tokens since the last chunk
+        self._logprobs: list[TokenLogprob] | None = None  # theirs, stop tokens left out
         self.finished = False
         self.stopped_by_string = False
 
@@ -167,6 +170,9 @@ class TextStream:
         if self.finished:
             raise RuntimeError("this request's text has ended; feed no more steps.")
         self._tokens += step.tokens
+        if step.logprobs is not None:
+            kept = [entry for entry in step.logprobs if entry.token not in self.stop_ids]
+            self._logprobs = (self._logprobs or []) + kept
         for token in step.tokens:
             if token not in self._skip and token < self._vocab_size:
                 self._detokenizer.add_token(token)
@@ -187,8 +193,10 @@ class TextStream:
             self._unsent = text
             return None
         self._unsent = text[end:]
-        chunk = TextChunk(text[:end], self._tokens, step.stats, step.stats.finish_reason)
-        self._tokens = []
+        chunk = TextChunk(
+            text[:end], self._tokens, step.stats, step.stats.finish_reason, self._logprobs
+        )
+        self._tokens, self._logprobs = [], None
         return chunk
 
 

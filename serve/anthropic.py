@@ -111,7 +111,7 @@ class MessagesRequest(_Lenient):
         default_factory=list, max_length=16
     )
     temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: greedy, as on the OpenAI routes
     top_k: int = Field(0, ge=0)
     stream: bool = False
     tools: Optional[list[ToolDefinition]] = None

@@ -53,7 +53,16 @@ from .limits import (
     allowed_hosts,
     h11_protocol,
 )
-from .responses import Completion, ToolCallStream, sse, tool_result, usage
+from .responses import (
+    Completion,
+    ToolCallStream,
+    chat_logprobs,
+    generated_text_logprobs,
+    sse,
+    text_logprobs,
+    tool_result,
+    usage,
+)
 from .schemas import ChatCompletionRequest, CompletionRequest, DecodeRequest, Mode
 
 log = logging.getLogger("optiq_dhara.serve")
@@ -350,12 +359,6 @@ class _API:
         reply = Completion(False, self.config.model_id)
         if body.echo:
             return await self._score(request, body, reply)
-        if body.logprobs is not None:
-            raise invalid(
-                "logprobs of generated tokens are not supported; only prompt scoring is: "
-                "send echo: true with logprobs and max_tokens 0 (or 1).",
-                "logprobs",
-            )
         if body.max_tokens == 0:
             raise invalid("max_tokens 0 needs echo: true (prompt scoring).", "max_tokens")
         return await self._respond(request, body, body.prompts, reply, None)
@@ -388,7 +391,7 @@ class _API:
                 )
             scored = await _unless_gone(request, self.worker.call(_prompt_scorer(ids, top, extra)))
             choice = await asyncio.to_thread(
-                _score_choice, self.worker.tokenizer, ids, scored, body.logprobs is not None
+                _score_choice, self.worker, ids, scored, body.logprobs is not None
             )
             choice["index"] = index
             choices.append(choice)
@@ -436,9 +439,11 @@ class _API:
             )
         return requested
 
-    def decoding_options(self, body: Any, max_tokens: int, stop: Sequence[str]) -> dict:
+    def decoding_options(
+        self, body: Any, max_tokens: int, stop: Sequence[str], **extra: Any
+    ) -> dict:
         """A request body's decoding options for ``Worker.stream``, the same for every API
-        (the mode defaults to the server's, then to the model's)."""
+        (the mode defaults to the server's, then to the model's), with an API's ``extra``."""
         greedy = body.top_p == 0  # top_p 0 keeps only the top token: greedy
         return dict(
             mode=body.mode or self.config.mode or default_mode(self.worker.model.args),
@@ -453,6 +458,7 @@ class _API:
             block_len=body.block_len,
             threshold=body.threshold,
             k=body.k,
+            **extra,
         )
 
     async def _respond(
@@ -463,99 +469,112 @@ class _API:
         reply: Completion,
         tools: Optional[list[dict]],
     ) -> Response:
-        """Decode each prompt ``n`` times; one streamed row, or all rows collected."""
-        rows = len(prompts) * body.n
-        if body.stream and rows > 1:
-            raise invalid(
-                "stream supports one prompt and n 1; send the prompts (choices) as separate "
-                "requests, or leave stream off.",
-                "n" if body.n > 1 else "prompt",
-            )
+        """Decode each prompt ``n`` times, one row each (choice i*n + copy), streamed or
+        collected."""
         field = "messages" if reply.chat else "prompt"
         prepared = []
         for prompt in prompts:
             prompt_ids = await self._prompt_ids(prompt, reply.chat, tools)
             budget = self._budget(body.token_limit, len(prompt_ids), field)
             prepared.append((prompt_ids, budget))
-        if not body.stream:
-            runs = []
-            for prompt_ids, budget in prepared:
-                for copy in range(body.n):
-                    options = self.decoding_options(body, budget, body.stop)
-                    if body.seed is not None and copy:  # n seeded rows differ, reproducibly
-                        options["seed"] = (body.seed + copy) % 2**64
-                    chunks = self.worker.stream(prompt_ids, **options)
-                    runs.append(
-                        self._collect(reply, chunks, len(prompt_ids), bool(tools), body.dhara_stats)
-                    )
-            wholes = await _unless_gone(request, asyncio.gather(*runs))
-            return JSONResponse(_merge(wholes))
-        prompt_ids, budget = prepared[0]
-        prompt_tokens = len(prompt_ids)
-        options = self.decoding_options(body, budget, body.stop)
-        chunks = self.worker.stream(prompt_ids, blocks=body.dhara_blocks and body.stream, **options)
-        first = await _unless_gone(request, anext(chunks, None))
-        events = self._events(
-            reply, first, chunks, prompt_tokens, body.include_usage, bool(tools), body.dhara_stats
+        openai = dict(
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            logit_bias=body.bias,
+            logprobs=body.top_logprobs_count,
         )
+        runs = []  # (prompt tokens, chunks) of each choice
+        for prompt_ids, budget in prepared:
+            for copy in range(body.n):
+                options = self.decoding_options(body, budget, body.stop, **openai)
+                if body.seed is not None and copy:  # n seeded rows differ, reproducibly
+                    options["seed"] = (body.seed + copy) % 2**64
+                blocks = body.dhara_blocks and body.stream
+                runs.append(
+                    (len(prompt_ids), self.worker.stream(prompt_ids, blocks=blocks, **options))
+                )
+        view = _View(reply, bool(tools), body.dhara_stats, body.top_logprobs_count is not None)
+        if not body.stream:
+            collected = [
+                self._collect(view, chunks, prompt_tokens) for prompt_tokens, chunks in runs
+            ]
+            wholes = await _unless_gone(request, asyncio.gather(*collected))
+            return JSONResponse(_merge(wholes))
+        try:  # every row's first chunk before the 200: a refused request gets its 4xx
+            firsts = await _unless_gone(
+                request, asyncio.gather(*(anext(chunks, None) for _, chunks in runs))
+            )
+        except BaseException:
+            await asyncio.gather(*(chunks.aclose() for _, chunks in runs))
+            raise
+        streams = [(first, chunks) for first, (_, chunks) in zip(firsts, runs)]
+        prompt_tokens = sum(count for count, _ in runs)
+        events = self._events(view, streams, prompt_tokens, body.include_usage)
         return StreamingResponse(events, media_type="text/event-stream")
 
-    async def _collect(
-        self, reply: Completion, chunks, prompt_tokens: int, tools: bool, stats: bool
-    ) -> dict:
-        text, last = "", None
+    async def _collect(self, view: "_View", chunks, prompt_tokens: int) -> dict:
+        text, last, entries = "", None, []
         async for chunk in chunks:
             text, last = text + chunk.text, chunk
-        content, calls = tool_result(text) if tools else (text, [])
-        whole = reply.whole(
-            content, _finish_reason(last, calls), _usage(last, prompt_tokens), calls
+            entries += chunk.logprobs or []
+        content, calls = tool_result(text) if view.tools else (text, [])
+        logprobs = view.logprobs(entries, self.worker.piece) if view.with_logprobs else None
+        whole = view.reply.whole(
+            content, _finish_reason(last, calls), _usage(last, prompt_tokens), calls, logprobs
         )
-        return _with_dhara(whole, last.stats if stats and last is not None else None)
+        return _with_dhara(whole, last.stats if view.stats and last is not None else None)
 
     async def _events(
         self,
-        reply: Completion,
-        first: Any,
-        chunks: AsyncIterator[Any],
+        view: "_View",
+        streams: list[tuple[Any, AsyncIterator[Any]]],
         prompt_tokens: int,
         include_usage: bool,
-        tools: bool,
-        stats: bool,
     ) -> AsyncIterator[str]:
-        """The SSE stream: a chunk per final piece of text, tool calls, finish, usage, [DONE].
+        """The SSE stream of every choice, interleaved as their rows make text: a chunk
+        per final piece of text, tool calls, each choice's finish, usage, [DONE].
 
-        With ``stats`` each chunk but the chat role and usage chunks carries the run's
-        stats so far (``dhara``); a BlockStep (``dhara_blocks``) is a chunk without text whose
-        ``dhara.block`` is the diffusion block after that step.
+        With ``view.stats`` each chunk but the chat role and usage chunks carries the
+        run's stats so far (``dhara``); a BlockStep (``dhara_blocks``) is a chunk without
+        text whose ``dhara.block`` is the diffusion block after that step.
         """
-        held = ToolCallStream() if tools else None
-        last = None
+        reply, piece = view.reply, self.worker.piece
+        held = [ToolCallStream() if view.tools else None for _ in streams]
+        last: list[Any] = [None] * len(streams)
+        generated = 0
 
-        def extended(chunk: dict, block: Optional[BlockStep] = None) -> str:
-            source = block or last
-            return sse(_with_dhara(chunk, source.stats if stats and source else None, block))
+        def extended(index: int, chunk: dict, block: Optional[BlockStep] = None) -> str:
+            source = block or last[index]
+            return sse(_with_dhara(chunk, source.stats if view.stats and source else None, block))
 
         try:
             if reply.chat:
-                yield sse(reply.chunk(role=True))
-            pending = first
-            while pending is not None:
-                if isinstance(pending, BlockStep):
-                    yield extended(reply.chunk(), pending)
-                else:
-                    last = pending
-                    text = held.feed(pending.text) if held else pending.text
-                    if text:
-                        yield extended(reply.chunk(text))
-                pending = await anext(chunks, None)
-            content, calls = held.finish() if held else ("", [])
-            if content:
-                yield extended(reply.chunk(content))
-            if calls:
-                yield extended(reply.chunk(tool_calls=calls))
-            yield extended(reply.chunk(finish_reason=_finish_reason(last, calls)))
+                for index in range(len(streams)):
+                    yield sse(reply.chunk(role=True, index=index))
+            async for index, item in _interleaved(streams):
+                if isinstance(item, BlockStep):
+                    yield extended(index, reply.chunk(index=index), item)
+                elif item is not None:
+                    last[index] = item
+                    text = held[index].feed(item.text) if held[index] else item.text
+                    logprobs = None
+                    if view.with_logprobs and item.logprobs:
+                        logprobs = view.logprobs(item.logprobs, piece)
+                    if text or logprobs:
+                        yield extended(index, reply.chunk(text, logprobs=logprobs, index=index))
+                    continue
+                else:  # the choice's text ended
+                    content, calls = held[index].finish() if held[index] else ("", [])
+                    if content:
+                        yield extended(index, reply.chunk(content, index=index))
+                    if calls:
+                        yield extended(index, reply.chunk(tool_calls=calls, index=index))
+                    reason = _finish_reason(last[index], calls)
+                    yield extended(index, reply.chunk(finish_reason=reason, index=index))
+                    generated += last[index].stats.generated if last[index] else 0
             if include_usage:
-                yield sse(reply.usage_chunk(_usage(last, prompt_tokens)))
+                cached = sum(chunk.stats.reused_tokens for chunk in last if chunk is not None)
+                yield sse(reply.usage_chunk(usage(prompt_tokens, generated, cached)))
             yield sse("[DONE]")
         except ShuttingDown as exc:  # close()'s deadline passed
             yield sse(APIError(503, str(exc), type="server_error").body())
@@ -563,8 +582,58 @@ class _API:
             log.exception("stream failed")
             error = invalid(str(exc)) if isinstance(exc, ValueError) else server_error(exc)
             yield sse(error.body())
-        finally:
-            await chunks.aclose()
+
+
+@dataclass(frozen=True)
+class _View:
+    """How a request's rows become OpenAI objects: chat or text, tool calls parsed,
+    the dhara stats extension, generated-token logprobs."""
+
+    reply: Completion
+    tools: bool
+    stats: bool
+    with_logprobs: bool
+
+    def logprobs(self, entries: list, piece: Callable[[int], str]) -> dict:
+        if self.reply.chat:
+            return chat_logprobs(entries, piece)
+        return generated_text_logprobs(entries, piece)
+
+
+async def _interleaved(
+    streams: list[tuple[Any, AsyncIterator[Any]]],
+) -> AsyncIterator[tuple[int, Any]]:
+    """(index, item) from every stream as items arrive (each stream's first item is
+    given), and (index, None) when stream ``index`` ends; a stream's error is raised.
+    Every stream is closed at the end (so rows left unread are cancelled)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, first: Any, chunks: AsyncIterator[Any]) -> None:
+        try:
+            item = first
+            while item is not None:
+                await queue.put((index, item))
+                item = await anext(chunks, None)
+            await queue.put((index, None))
+        except Exception as exc:
+            await queue.put((index, exc))
+
+    tasks = [
+        asyncio.ensure_future(pump(i, first, chunks)) for i, (first, chunks) in enumerate(streams)
+    ]
+    try:
+        open_streams = len(streams)
+        while open_streams:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            open_streams -= item is None
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(chunks.aclose() for _, chunks in streams), return_exceptions=True)
 
 
 def _merge(wholes: list[dict]) -> dict:
@@ -617,34 +686,21 @@ def _prompt_scorer(ids: list[int], top: int, extra: bool) -> Callable[[Any, Any]
     return score
 
 
-def _score_choice(tokenizer: Any, ids: list[int], scored: dict, with_logprobs: bool) -> dict:
+def _score_choice(worker: Any, ids: list[int], scored: dict, with_logprobs: bool) -> dict:
     """A completions choice echoing the prompt (and the greedy next token, if scored),
     with OpenAI's legacy ``logprobs`` object when asked for."""
     tokens = list(ids) + scored["targets"][len(ids) - 1 :]
-    pieces = [tokenizer.decode([token]) for token in tokens]
-    text = tokenizer.decode(tokens)
-    offsets, at = [], 0
-    for piece in pieces:
-        offsets.append(at)
-        at += len(piece)
+    text = worker.tokenizer.decode(tokens)
     logprobs = None
     if with_logprobs:
-        tops: list[Optional[dict]] = [None]
-        if scored["top"] is not None:
-            for row_ids, row_vals in zip(*scored["top"]):
-                order = sorted(zip(row_vals, row_ids), reverse=True)
-                entry: dict[str, float] = {}
-                for value, token in order:
-                    entry.setdefault(tokenizer.decode([token]), value)
-                tops.append(entry)
-        else:
-            tops += [{} for _ in scored["targets"]]
-        logprobs = {
-            "tokens": pieces,
-            "token_logprobs": [None, *scored["picked"]],
-            "top_logprobs": tops,
-            "text_offset": offsets,
-        }
+        top = scored["top"]
+        tops = [None] + (
+            [list(zip(row_ids, row_values)) for row_ids, row_values in zip(*top)]
+            if top is not None
+            else [[] for _ in scored["targets"]]
+        )
+        tops = [None if t is None else sorted(t, key=lambda pair: -pair[1]) for t in tops]
+        logprobs = text_logprobs(tokens, [None, *scored["picked"]], tops, worker.piece)
     finish = "length" if len(tokens) > len(ids) else "stop"
     return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 

@@ -136,7 +136,7 @@ class Worker:
         self.model: Any = None
         self.tokenizer: Any = None
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
-        self._pieces: dict[int, str] = {}  # token id -> its text, for BlockStep
+        self._pieces: dict[int, str] = {}  # token id -> its text (piece)
 
     def start(self) -> "Worker":
         """Start the worker and wait until the model is loaded (re-raising a load failure)."""
@@ -349,7 +349,7 @@ class Worker:
     def _block(self, step: Step) -> BlockStep:
         """The block of a diffusion Step, with each token's text (None for MASK)."""
         mask = self.model.args.mask_token_id
-        tokens = [None if t == mask else self._piece(t) for t in step.block]
+        tokens = [None if t == mask else self.piece(t) for t in step.block]
         return BlockStep(
             step.block_start,
             step.stats.rounds,
@@ -359,8 +359,8 @@ class Worker:
             step.stats,
         )
 
-    def _piece(self, token: int) -> str:
-        """The text of one token (cached: blocks repeat their tokens step after step)."""
+    def piece(self, token: int) -> str:
+        """The text of one token (cached: diffusion blocks and logprobs repeat tokens)."""
         if token not in self._pieces:
             self._pieces[token] = self.tokenizer.decode([token])
         return self._pieces[token]

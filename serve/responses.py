@@ -8,9 +8,10 @@ tag on, so a stream carries tool calls as ``tool_calls`` deltas, never as conten
 import json
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from optiq_dhara.runtime import parse_tool_calls
+from optiq_dhara.runtime.sampling import TokenLogprob
 
 TOOL_CALL_TAG = "<tool_call>"
 
@@ -84,17 +85,31 @@ class Completion:
         *,
         role: bool = False,
         tool_calls: Optional[list[dict]] = None,
+        logprobs: Optional[dict] = None,
+        index: int = 0,
     ) -> dict:
-        """A streamed piece: new text (or tool calls), and the finish reason on the last one."""
+        """A streamed piece of choice ``index``: new text (or tool calls) with its
+        ``logprobs`` object (``chat_logprobs``/``text_logprobs``), and the finish
+        reason on the last one."""
         if not self.chat:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
             return self._envelope(True, [choice])
         delta: dict[str, Any] = {"role": "assistant"} if role else {}
         if text or role:
             delta["content"] = text
         if tool_calls:
             delta["tool_calls"] = tool_calls
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish_reason,
+        }
         return self._envelope(True, [choice])
 
     def usage_chunk(self, counts: dict) -> dict:
@@ -107,6 +122,7 @@ class Completion:
         finish_reason: str,
         counts: dict,
         tool_calls: Optional[list[dict]] = None,
+        logprobs: Optional[dict] = None,
     ) -> dict:
         """The non-streamed response."""
         if self.chat:
@@ -120,8 +136,70 @@ class Completion:
             choice = {"index": 0, "message": message, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish_reason}
-        choice["logprobs"] = None
+        choice["logprobs"] = logprobs
         return self._envelope(False, [choice], usage=counts)
+
+
+def _token(token: int, logprob: float, piece: Callable[[int], str]) -> dict:
+    text = piece(token)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], piece: Callable[[int], str]) -> dict:
+    """A chat choice's ``logprobs`` object for generated tokens; ``piece`` gives a
+    token's text."""
+    content = [
+        {
+            **_token(entry.token, entry.logprob, piece),
+            "top_logprobs": [_token(token, value, piece) for token, value in entry.top],
+        }
+        for entry in entries
+    ]
+    return {"content": content, "refusal": None}
+
+
+def text_logprobs(
+    tokens: Sequence[int],
+    logprobs: Sequence[Optional[float]],
+    tops: Sequence[Optional[Sequence[tuple[int, float]]]],
+    piece: Callable[[int], str],
+    offset: int = 0,
+) -> dict:
+    """A text completion's legacy ``logprobs`` object: each token's text, its
+    log-probability and its likeliest alternatives (None where there is nothing to
+    score, as for a prompt's first token), and where its text starts (from ``offset``)."""
+    pieces = [piece(token) for token in tokens]
+    offsets = []
+    for text in pieces:
+        offsets.append(offset)
+        offset += len(text)
+    top_logprobs: list[Optional[dict]] = []
+    for top in tops:
+        entry: Optional[dict] = None
+        if top is not None:
+            entry = {}
+            for token, value in top:  # likeliest first; tokens of one text keep the first
+                entry.setdefault(piece(token), value)
+        top_logprobs.append(entry)
+    return {
+        "tokens": pieces,
+        "token_logprobs": list(logprobs),
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+    }
+
+
+def generated_text_logprobs(
+    entries: Sequence[TokenLogprob], piece: Callable[[int], str], offset: int = 0
+) -> dict:
+    """``text_logprobs`` of generated tokens."""
+    return text_logprobs(
+        [e.token for e in entries],
+        [e.logprob for e in entries],
+        [e.top for e in entries],
+        piece,
+        offset,
+    )
 
 
 def tool_result(text: str) -> tuple[str, list[dict]]:

@@ -2,20 +2,19 @@
 
 Every bound a decode needs is checked here, so a request that passes validation
 cannot fail inside the worker for a reason the client could have avoided.
-Unknown fields are ignored (clients send many optional OpenAI fields); the ones
-that would change the answer and are not supported (chat ``logprobs``, logprobs of
-generated text) are refused rather than silently dropped (docs/serving.md has the
-per-field table).
+Unknown fields are ignored (clients send many optional OpenAI fields); docs/serving.md
+has the per-field table of what is supported.
 """
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Mode = Literal["ar", "diffusion", "spec"]
 MAX_N = 16  # most choices one request may ask for
 MAX_PROMPTS = 256  # most prompts in one text-completion request
 MAX_LOGPROBS = 20  # most top_logprobs per token (OpenAI's limit)
+MAX_LOGIT_BIAS = 1024  # most logit_bias entries
 
 
 class StreamOptions(BaseModel):
@@ -34,6 +33,11 @@ class DecodeRequest(BaseModel):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]]] = Field(
+        None, max_length=MAX_LOGIT_BIAS
+    )
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
     stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, max_length=4)
     stream: bool = False
@@ -45,7 +49,6 @@ class DecodeRequest(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N)
     dhara_stats: bool = False  # extension: a "dhara" object with the run's stats on each chunk
     dhara_blocks: bool = False  # extension: stream each diffusion step's block (docs/serving.md)
-    logprobs: Optional[Union[bool, int]] = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -54,6 +57,25 @@ class DecodeRequest(BaseModel):
         if stop is None:
             return []
         return [stop] if isinstance(stop, str) else stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias):
+        """OpenAI's logit_bias keys are token ids written as strings."""
+        for key in bias or {}:
+            if not (key.strip().isascii() and key.strip().isdigit()):
+                raise ValueError(f"logit_bias keys are token ids (digits); got {key!r}")
+        return bias
+
+    @property
+    def bias(self) -> dict[int, float]:
+        """``logit_bias`` with int keys."""
+        return {int(key): value for key, value in (self.logit_bias or {}).items()}
+
+    @property
+    def top_logprobs_count(self) -> Optional[int]:
+        """How many alternatives each generated token's logprobs list; None: no logprobs."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -118,16 +140,18 @@ class ChatCompletionRequest(DecodeRequest):
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, logprobs):
-        if logprobs:
-            raise ValueError(
-                "logprobs are not supported for chat completions; score a prompt with "
-                "/v1/completions (echo, logprobs, max_tokens 0)"
-            )
-        return logprobs
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def top_logprobs_count(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_tools(self) -> Optional[list[dict]]:
         """The tools for the chat template, or None when there are none or they are off."""
@@ -167,6 +191,10 @@ class CompletionRequest(DecodeRequest):
         if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
             return [self.prompt]
         return list(self.prompt)
+
+    @property
+    def top_logprobs_count(self) -> Optional[int]:
+        return self.logprobs
 
     @property
     def scoring(self) -> bool:

@@ -404,6 +404,17 @@ def test_mode_extras_and_sampling_fields(server, tiny):
     assert text_of(message) == expected[0]
 
 
+def test_top_p_zero_is_greedy(server, tiny):
+    """As on the OpenAI routes, top_p 0 keeps only the likeliest token, whatever the temperature."""
+    message = server.client.messages.create(
+        model="golden_tiny",
+        max_tokens=10,
+        messages=HELLO,
+        extra_body={"temperature": 1.5, "top_p": 0.0, "mode": "ar", "seed": 3},
+    )
+    assert text_of(message) == alone(tiny, HELLO, mode="ar", max_tokens=10)[0]
+
+
 def test_a_full_queue_is_a_rate_limit_error(golden_dir, monkeypatch):
     """One batch slot, no queue, the step held: a second request is a 429 in Anthropic's shape."""
     go = threading.Event()

@@ -20,6 +20,7 @@ SAMPLING = [
     {"repetition_penalty": 1.3},
     {"temperature": 0.9, "top_p": 0.9, "min_p": 0.02, "seed": 3},
     {"temperature": 1.2, "top_k": 40, "repetition_penalty": 1.1, "seed": 8},
+    {"presence_penalty": 0.8, "frequency_penalty": 0.4, "logit_bias": {7: 3.0, 11: -2.0}},
 ]
 
 

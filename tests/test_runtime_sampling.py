@@ -1,12 +1,20 @@
 """Sampling: the filters, the (seed, position) randomness, and spec == AR for the same seed."""
 
 import math
+import re
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from optiq_dhara.runtime import generate_ids
-from optiq_dhara.runtime.sampling import Sampling, adjust_logits, choose, filtered_logprobs
+from optiq_dhara.runtime.sampling import (
+    Sampling,
+    adjust_logits,
+    choose,
+    filtered_logprobs,
+    token_counts,
+)
 
 PROBS = [0.5, 0.25, 0.15, 0.1]
 LOGITS = mx.log(mx.array([PROBS]))
@@ -45,9 +53,85 @@ def test_temperature_sharpens():
 
 def test_adjust_suppresses_mask_and_penalizes_seen_tokens():
     logits = mx.array([[2.0, -2.0, 1.0, 3.0]])
-    seen = mx.array([True, True, False, False])
+    seen = token_counts([0, 1, 1], prompt_length=1, vocab_size=4)  # prompt and output count
     out = adjust_logits(logits, seen, Sampling(repetition_penalty=2.0), mask_id=3)[0].tolist()
     assert out == [1.0, -4.0, 1.0, -math.inf]
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    """OpenAI's rule: logit -= presence * (count > 0) + frequency * count, count over the
+    generated tokens (token 0 is in the prompt only and keeps its logit)."""
+    counts = token_counts([0, 1, 2, 2], prompt_length=1, vocab_size=5)
+    sampling = Sampling(presence_penalty=0.5, frequency_penalty=0.25)
+    out = adjust_logits(mx.ones((1, 5)), counts, sampling, mask_id=None)[0].tolist()
+    assert out == [1.0, 0.25, 0.0, 1.0, 1.0]
+
+
+def test_logit_bias_adds_to_logits_but_never_unmasks():
+    sampling = Sampling(logit_bias=((0, -100.0), (2, 1.5), (3, 100.0)))
+    out = adjust_logits(mx.zeros((1, 4)), None, sampling, mask_id=3)[0].tolist()
+    assert out == [-100.0, 0.0, 1.5, -math.inf]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(presence_penalty=2.5), "presence_penalty must be in [-2, 2]"),
+        (dict(frequency_penalty=-3.0), "frequency_penalty must be in [-2, 2]"),
+        (dict(logit_bias={5: 101.0}), "logit_bias maps token ids"),
+        (dict(logit_bias={-1: 1.0}), "logit_bias maps token ids"),
+        (dict(logprobs=-1), "logprobs must be >= 0"),
+    ],
+)
+def test_bad_penalties_bias_and_logprobs_are_refused(golden_model, golden, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate_ids(golden_model, golden["prompt_p1"].tolist(), max_tokens=2, **kwargs)
+
+
+def test_a_logit_bias_outside_the_vocabulary_is_refused(golden_model, golden):
+    vocab = golden_model.args.vocab_size
+    with pytest.raises(ValueError, match=f"token id {vocab} outside the vocabulary"):
+        generate_ids(
+            golden_model, golden["prompt_p1"].tolist(), max_tokens=2, logit_bias={vocab: 1}
+        )
+
+
+def reference_penalized(model, prompt, steps, presence, frequency, bias):
+    """Greedy AR by full forwards, the penalties applied by hand in numpy."""
+    out = []
+    for _ in range(steps):
+        logits = np.array(model(mx.array([prompt + out]))[0, -1].astype(mx.float32))
+        for token in set(out):
+            logits[token] -= presence + frequency * out.count(token)
+        for token, value in bias.items():
+            logits[token] += value
+        logits[model.args.mask_token_id] = -np.inf
+        out.append(int(np.argmax(logits)))
+    return out
+
+
+def test_penalties_and_bias_match_a_reference_in_every_causal_mode(golden_model, golden):
+    prompt = golden["prompt_p1"].tolist()
+    plain = generate_ids(golden_model, prompt, max_tokens=12)
+    bias = {plain[0]: -100.0, plain[3]: 3.0}
+    options = dict(presence_penalty=0.7, frequency_penalty=0.5, logit_bias=bias)
+    expected = reference_penalized(golden_model, prompt, 12, 0.7, 0.5, bias)
+    assert expected != plain
+    assert generate_ids(golden_model, prompt, max_tokens=12, **options) == expected
+    for k in (3, 8):
+        spec = generate_ids(golden_model, prompt, mode="spec", k=k, max_tokens=12, **options)
+        assert spec == expected, k
+
+
+def test_a_banned_token_never_appears_in_any_mode(golden_model, golden):
+    prompt = golden["prompt_p1"].tolist()
+    for mode in ("ar", "spec", "diffusion"):
+        plain = generate_ids(golden_model, prompt, mode=mode, max_tokens=16, block_len=8)
+        banned = max(set(plain), key=plain.count)
+        out = generate_ids(
+            golden_model, prompt, mode=mode, max_tokens=16, block_len=8, logit_bias={banned: -100}
+        )
+        assert banned not in out and out != plain, mode
 
 
 def test_draws_follow_the_distribution():
@@ -73,6 +157,7 @@ SAMPLED = [
     dict(temperature=1.0),
     dict(temperature=0.7, top_p=0.9, repetition_penalty=1.15),
     dict(temperature=1.2, top_k=20, min_p=0.05),
+    dict(temperature=0.8, presence_penalty=0.6, frequency_penalty=0.4, logit_bias={7: 2.0}),
 ]
 
 

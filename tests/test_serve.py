@@ -592,6 +592,116 @@ def post(server, path, body, key=KEY):
     return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=60)
 
 
+def generated(tiny, prompt, *, chat, mode, **options):
+    """(text, TokenLogprobs) of the request run alone by the runtime."""
+    model, tokenizer = tiny
+    chunks = list(
+        stream_text(
+            model, tokenizer, prompt, chat=chat, mode=mode, max_tokens=DEFAULT_MAX_TOKENS, **options
+        )
+    )
+    return "".join(c.text for c in chunks), [e for c in chunks for e in c.logprobs or []]
+
+
+def assert_same_logprobs(tokenizer, served, entries, top):
+    """OpenAI chat logprob entries against the runtime's TokenLogprobs."""
+    assert [s.token for s in served] == [tokenizer.decode([e.token]) for e in entries]
+    for s, e in zip(served, entries):
+        assert s.logprob == pytest.approx(e.logprob, abs=1e-3)
+        assert s.bytes == list(s.token.encode("utf-8"))
+        assert len(s.top_logprobs) == top
+        assert [t.token for t in s.top_logprobs] == [tokenizer.decode([t]) for t, _ in e.top]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chat_logprobs_are_the_runtime_ones_whole_and_streamed(server, tiny, mode):
+    text, entries = generated(tiny, HELLO, chat=True, mode=mode, logprobs=3)
+    request = dict(
+        model="golden_tiny",
+        messages=HELLO,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"mode": mode},
+    )
+    reply = server.client.chat.completions.create(**request)
+    assert reply.choices[0].message.content == text and entries
+    assert_same_logprobs(tiny[1], reply.choices[0].logprobs.content, entries, 3)
+    streamed = [
+        entry
+        for chunk in server.client.chat.completions.create(stream=True, **request)
+        for choice in chunk.choices
+        if choice.logprobs
+        for entry in choice.logprobs.content
+    ]
+    assert_same_logprobs(tiny[1], streamed, entries, 3)
+    plain = server.client.chat.completions.create(model="golden_tiny", messages=HELLO)
+    assert plain.choices[0].logprobs is None
+
+
+def test_completion_logprobs_of_generated_tokens(server, tiny):
+    _, tokenizer = tiny
+    _, entries = generated(tiny, "Once upon", chat=False, mode="ar", logprobs=2)
+    reply = server.client.completions.create(
+        model="golden_tiny", prompt="Once upon", logprobs=2, extra_body={"mode": "ar"}
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.tokens == [tokenizer.decode([e.token]) for e in entries]
+    assert logprobs.token_logprobs == pytest.approx([e.logprob for e in entries], abs=1e-3)
+    for top, entry in zip(logprobs.top_logprobs, entries):
+        assert list(top) == [tokenizer.decode([t]) for t, _ in entry.top][: len(top)]
+        assert entry.logprob <= max(top.values()) + 1e-6
+    lengths = [len(token) for token in logprobs.tokens]
+    assert logprobs.text_offset == [sum(lengths[:i]) for i in range(len(lengths))]
+
+
+def test_penalties_and_logit_bias_reach_the_runtime(server, tiny):
+    plain, _, _ = alone(tiny, HELLO, chat=True, mode="ar")
+    options = dict(presence_penalty=1.5, frequency_penalty=0.8)
+    bias = {5: 4.0, 9: -100.0}
+    expected, _, _ = alone(tiny, HELLO, chat=True, mode="ar", logit_bias=bias, **options)
+    assert expected != plain
+    for mode in ("ar", "spec"):  # spec is AR token for token, penalties included
+        reply = server.client.chat.completions.create(
+            model="golden_tiny",
+            messages=HELLO,
+            logit_bias={str(t): b for t, b in bias.items()},
+            extra_body={"mode": mode},
+            **options,
+        )
+        assert reply.choices[0].message.content == expected, mode
+
+
+def streamed_choices(stream) -> tuple[dict, dict]:
+    """Text and finish reason of each choice index of a streamed completion or chat."""
+    texts, finishes = {}, {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            piece = choice.delta.content if hasattr(choice, "delta") else choice.text
+            texts[choice.index] = texts.get(choice.index, "") + (piece or "")
+            if choice.finish_reason:
+                assert choice.index not in finishes  # one finish per choice
+                finishes[choice.index] = choice.finish_reason
+    return texts, finishes
+
+
+def test_n_choices_and_prompts_stream_interleaved(server):
+    request = dict(model="golden_tiny", prompt="Once upon", n=3, temperature=1.0, seed=5)
+    whole = server.client.completions.create(**request)
+    texts, finishes = streamed_choices(server.client.completions.create(stream=True, **request))
+    assert [texts[i] for i in range(3)] == [c.text for c in whole.choices]
+    assert [finishes[i] for i in range(3)] == [c.finish_reason for c in whole.choices]
+    assert len(set(texts.values())) > 1  # each choice its own seed
+    prompts = dict(model="golden_tiny", prompt=["Once upon", "Hello"], extra_body={"mode": "ar"})
+    whole = server.client.completions.create(**prompts)
+    texts, _ = streamed_choices(server.client.completions.create(stream=True, **prompts))
+    assert [texts[0], texts[1]] == [c.text for c in whole.choices]
+    chat = dict(model="golden_tiny", messages=HELLO, n=2, temperature=0.8, seed=1)
+    whole = server.client.chat.completions.create(**chat)
+    texts, finishes = streamed_choices(server.client.chat.completions.create(stream=True, **chat))
+    assert [texts[0], texts[1]] == [c.message.content for c in whole.choices]
+    assert set(finishes) == {0, 1}
+
+
 @pytest.mark.parametrize(
     "path, body, status, param, code",
     [
@@ -651,8 +761,36 @@ def post(server, path, body, key=KEY):
         ),
         ("/v1/completions", {"prompt": "", "stream": True}, 400, None, None),
         ("/v1/completions", {"prompt": "x", "n": 17}, 400, "n", "invalid_value"),
-        ("/v1/completions", {"prompt": "x", "n": 2, "stream": True}, 400, "n", None),
-        ("/v1/completions", {"prompt": "x", "logprobs": 1}, 400, "logprobs", None),
+        ("/v1/completions", {"prompt": "x", "logprobs": 21}, 400, "logprobs", "invalid_value"),
+        (
+            "/v1/chat/completions",
+            {"messages": HELLO, "top_logprobs": 2},
+            400,
+            None,
+            "invalid_value",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "x", "presence_penalty": 2.5},
+            400,
+            "presence_penalty",
+            "invalid_value",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "x", "logit_bias": {"the": 1}},
+            400,
+            "logit_bias",
+            "invalid_value",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "x", "logit_bias": {"5": 101}},
+            400,
+            "logit_bias.5",
+            "invalid_value",
+        ),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"99999": 1}}, 400, None, None),
         ("/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", None),
     ],
 )
@@ -720,6 +858,15 @@ fields = {
     "k": st.integers(2, 12),
     "tools": st.just([WEATHER]),
     "tool_choice": st.sampled_from(["none", "auto", "required"]),
+    "n": st.integers(0, 3),
+    "presence_penalty": st.floats(-3, 3),
+    "frequency_penalty": st.floats(-3, 3),
+    "logit_bias": st.dictionaries(
+        st.sampled_from(["0", "5", "²", "-1", "99999", " 7", "x"]), st.floats(-150, 150), max_size=3
+    ),
+    "logprobs": st.booleans() | st.integers(-1, 22),
+    "top_logprobs": st.integers(-1, 22),
+    "echo": st.booleans(),
 }
 
 
