@@ -12,6 +12,17 @@ so each comparison is at equal size.
     python benchmarks/bench_quantize.py --model trained --group-size 32 --target-bpw 5.5
 
 ``--no-wide-groups`` gives the mix the baselines' group size at every bits.
+
+Real weights: ``--model smollm2`` grafts SmolLM2-135M-Instruct from the ``real``
+extra's GGUF (``optiq_dhara.convert.real``), whose config records AR training,
+so the mix weighs AR alone (``--sensitivity-modes`` overrides). ``--held-out``
+scores every variant on another text than the calibration corpus (the converter's
+own report keeps the corpus split); ``--gptq`` adds the mix with mlx-lm's GPTQ
+for its 4-bit linears:
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
+        python benchmarks/bench_quantize.py --model smollm2 --num-samples 8 --seq-len 128 \\
+        --held-out benchmarks/held_out_code.txt --held-out-samples 16 --gptq
 """
 
 import copy
@@ -24,13 +35,17 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import typer
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 from mlx_lm.convert import mixed_quant_predicate_builder
 from mlx_lm.quant.dynamic_quant import estimate_sensitivities, estimate_threshold
+from mlx_lm.quant.gptq import gptq_quantize
 from mlx_lm.utils import load, quantize_model
 
 from optiq_dhara.convert import convert
+from optiq_dhara.convert.graft import graft
+from optiq_dhara.convert.real import smollm2_gguf
 from optiq_dhara.convert.source import cast
 from optiq_dhara.metrics import MODES, compare
 from optiq_dhara.model import Model, ModelArgs
@@ -87,6 +102,32 @@ def random_250m(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def held_out_sequences(tokenizer, path: Path, count: int, seq_len: int) -> mx.array:
+    """``count`` sequences of ``seq_len`` tokens spread evenly over the text of ``path``."""
+    ids = tokenizer.encode(path.read_text("utf-8"), add_special_tokens=False)
+    chunks = len(ids) // seq_len
+    if chunks < count:
+        raise ValueError(f"{path} gives {chunks} sequences of {seq_len} tokens, not {count}")
+    stream = np.array(ids[: chunks * seq_len], dtype=np.int32).reshape(chunks, seq_len)
+    return mx.array(stream[np.linspace(0, chunks, count, endpoint=False).astype(int)])
+
+
+def bits_by_kind(layers: dict) -> dict[str, dict[str, int]]:
+    """How many modules of each kind (q_proj, ..., embed_tokens) the mix gives each bits."""
+    counts: dict[str, dict[str, int]] = {}
+    for path, layer in layers.items():
+        kind = counts.setdefault(path.rsplit(".", 1)[-1], {})
+        kind[str(layer["bits"])] = kind.get(str(layer["bits"]), 0) + 1
+    return counts
+
+
+def with_gptq(model: nn.Module, gptq: dict[str, nn.Module], plan: dict[str, int]) -> nn.Module:
+    """``model`` (quantized to ``plan``) with GPTQ's 4-bit layer wherever the plan has 4."""
+    swaps = [(path, gptq[path]) for path, bits in plan.items() if bits == 4 and path in gptq]
+    model.update_modules(tree_unflatten(swaps))
+    return model
+
+
 def bpw(model: nn.Module, parameters: int) -> float:
     """Stored tensor bits per float parameter (the converter's definition)."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters())) * 8 / parameters
@@ -104,7 +145,9 @@ def score(model: nn.Module, reference: nn.Module, held_out: mx.array, parameters
 
 def main(
     model: str = typer.Option(
-        "random-250m", help="random-250m, trained, or a checkpoint directory."
+        "random-250m",
+        help="random-250m, trained, smollm2 (grafted from the real extra), or a checkpoint "
+        "directory.",
     ),
     target_bpw: float = typer.Option(5.0),
     candidate_bits: str = typer.Option("4,8", help="The mix's candidate bits."),
@@ -118,6 +161,13 @@ def main(
     calibration: Optional[Path] = typer.Option(
         None, help="Calibration and held-out text (default: the shipped corpus)."
     ),
+    held_out: Optional[Path] = typer.Option(
+        None, help="Score the variants on this text instead (another domain than calibration)."
+    ),
+    sensitivity_modes: str = typer.Option(
+        "auto", help="The mix's sensitivity modes: auto, ar or ar,diffusion."
+    ),
+    gptq: bool = typer.Option(False, help="Also the mix with mlx-lm's GPTQ for its 4-bit linears."),
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
 ) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
@@ -135,6 +185,9 @@ def main(
             exact_baseline,
             wide_groups,
             calibration,
+            held_out,
+            sensitivity_modes,
+            gptq,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -156,6 +209,9 @@ def run(
     exact_baseline: bool,
     wide_groups: bool,
     calibration: Optional[Path] = None,
+    held_out: Optional[Path] = None,
+    sensitivity_modes: str = "auto",
+    gptq: bool = False,
 ) -> dict:
     """Convert, then score the mix and the baselines; the results as a dict."""
     bits = tuple(int(b) for b in candidate_bits.split(","))
@@ -163,6 +219,9 @@ def run(
         src = random_250m(work / "src")
     elif model == "trained":
         src = TRAINED
+    elif model == "smollm2":
+        src = work / "src"
+        graft(str(smollm2_gguf()), src, dtype="float32")
     else:
         src = Path(model)
     results: dict = {
@@ -171,6 +230,8 @@ def run(
         "group_size": group_size,
         "wide_groups": wide_groups,
         "calibration": str(calibration or "shipped corpus"),
+        "held_out": str(held_out or "the calibration text's held-out split"),
+        "held_out_samples": held_out_samples,
         "candidate_bits": bits,
         "dtype": dtype,
         "num_samples": num_samples,
@@ -191,6 +252,7 @@ def run(
         held_out_samples=held_out_samples,
         wide_groups=wide_groups,
         calibration=calibration,
+        sensitivity_modes=sensitivity_modes,
     )
     results["convert_seconds"] = time.perf_counter() - tick
     results["convert_phases"] = report["seconds"]
@@ -198,12 +260,16 @@ def run(
         k: report[k] for k in ("achieved_bpw", "size_mb", "modules_per_bits", "sensitivity")
     }
     results["report_held_out"] = report["held_out"]
+    results["bits_by_kind"] = bits_by_kind(report["layers"])
 
     float_model, tokenizer = load(str(src))
     out_dtype = getattr(mx, dtype)
     float_model = cast(float_model, out_dtype)
     params = parameter_count(float_model)
     data = load_calibration(tokenizer, calibration, num_samples, seq_len, held_out_samples)
+    scored = data.held_out
+    if held_out is not None:
+        scored = held_out_sequences(tokenizer, held_out, held_out_samples, seq_len)
     reference = as_float32(copy.deepcopy(float_model))
 
     def fresh() -> nn.Module:
@@ -216,18 +282,21 @@ def run(
     sens_file = work / "mix" / "sensitivities.json"
     auto = load_sensitivities(sens_file, modules, bits, grouping)
 
-    def mix_at(target: float, sens) -> nn.Module:
+    def plan_at(target: float, sens) -> dict[str, int]:
         points = module_points(modules, sens.kl(), bits, grouping, budget.scale_bits)
-        plan = allocate(points, budget.for_modules(target)).bits
+        return allocate(points, budget.for_modules(target)).bits
+
+    def mix_at(target: float, sens) -> nn.Module:
+        plan = plan_at(target, sens)
         return quantize_to_plan(fresh(), plan, grouping.sizes(modules, plan))
 
     variants: dict[str, dict] = {}
-    variants["mix"] = score(mix_at(target_bpw, auto), reference, data.held_out, params)
+    variants["mix"] = score(mix_at(target_bpw, auto), reference, scored, params)
     uniform_4 = {m.path: 4 for m in modules}
     variants["uniform 4-bit"] = score(
         quantize_to_plan(fresh(), uniform_4, grouping.sizes(modules, uniform_4)),
         reference,
-        data.held_out,
+        scored,
         params,
     )
 
@@ -235,7 +304,7 @@ def run(
     config = json.loads((src / "config.json").read_text())
     predicate = mixed_quant_predicate_builder("mixed_4_6", recipe, group_size)
     recipe, _ = quantize_model(recipe, config, group_size, 4, quant_predicate=predicate)
-    variants["mlx-lm mixed_4_6"] = score(recipe, reference, data.held_out, params)
+    variants["mlx-lm mixed_4_6"] = score(recipe, reference, scored, params)
 
     tick = time.perf_counter()
     dq_sens = dict(
@@ -253,15 +322,35 @@ def run(
         return {"bits": 8, "group_size": group_size} if dq_sens[path] > threshold else True
 
     dq, _ = quantize_model(dq, config, group_size, 4, quant_predicate=high)
-    variants["mlx-lm dynamic_quant (4/8)"] = score(dq, reference, data.held_out, params)
+    variants["mlx-lm dynamic_quant (4/8)"] = score(dq, reference, scored, params)
     variants["mlx-lm dynamic_quant (4/8)"]["seconds"] = time.perf_counter() - tick
 
     for name in ("mlx-lm mixed_4_6", "mlx-lm dynamic_quant (4/8)"):
         their = variants[name]["bpw"]
         if budget.bpw(budget.low) <= their <= budget.bpw(budget.high):
-            variants[f"mix at {name}'s bpw"] = score(
-                mix_at(their, auto), reference, data.held_out, params
-            )
+            variants[f"mix at {name}'s bpw"] = score(mix_at(their, auto), reference, scored, params)
+
+    if gptq:
+        tick = time.perf_counter()
+        # in float32: bfloat16 Hessians gave NaN weights on SmolLM2; the scales are then
+        # stored in the output dtype, as the mix's are
+        quantized, _ = gptq_quantize(
+            copy.deepcopy(reference), data.calibration, 4, group_size, 8, group_size
+        )
+        gptq_layers = {}
+        for path, module in quantized.named_modules():
+            if isinstance(module, nn.QuantizedLinear) and module.bits == 4:
+                module.set_dtype(out_dtype)
+                gptq_layers[path] = module
+        results["gptq_seconds"] = time.perf_counter() - tick
+        targets = {"mix + GPTQ": target_bpw}
+        their = variants["mlx-lm dynamic_quant (4/8)"]["bpw"]
+        if budget.bpw(budget.low) <= their <= budget.bpw(budget.high):
+            targets["mix + GPTQ at mlx-lm dynamic_quant (4/8)'s bpw"] = their
+        for name, target in targets.items():
+            plan = plan_at(target, auto)
+            model_q = quantize_to_plan(fresh(), plan, grouping.sizes(modules, plan))
+            variants[name] = score(with_gptq(model_q, gptq_layers, plan), reference, scored, params)
 
     if exact_baseline:
         tick = time.perf_counter()
@@ -282,7 +371,7 @@ def run(
             "measured_exactly": sum(s.measured for s in exact.modules.values()),
         }
         variants["mix (every module measured)"] = score(
-            mix_at(target_bpw, exact), reference, data.held_out, params
+            mix_at(target_bpw, exact), reference, scored, params
         )
     results["variants"] = variants
     return results
@@ -297,7 +386,14 @@ def table(results: dict) -> str:
         f"{results['calibration']}; convert "
         f"{results['convert_seconds']:.0f} s; sensitivities "
         f"{results['report']['sensitivity']['forwards_per_sample']:.1f} forwards/sample "
-        f"(naive {results['report']['sensitivity']['naive_forwards_per_sample']:.0f})",
+        f"(naive {results['report']['sensitivity']['naive_forwards_per_sample']:.0f}) in "
+        f"modes {','.join(results['report']['sensitivity']['modes'])}; scored on "
+        f"{results['held_out_samples']} x {results['seq_len']} tokens of {results['held_out']}",
+        "mix's bits per module kind: "
+        + "; ".join(
+            f"{kind} " + ", ".join(f"{n} at {b}" for b, n in sorted(counts.items()))
+            for kind, counts in results["bits_by_kind"].items()
+        ),
         "",
         "| variant | bpw | mean KL AR | mean KL diffusion | top-1 AR | top-1 diffusion |",
         "|---|---|---|---|---|---|",
@@ -308,6 +404,8 @@ def table(results: dict) -> str:
             f"| {v['diffusion']['mean_kl']:.5f} | {v['ar']['top1']:.3f} "
             f"| {v['diffusion']['top1']:.3f} |"
         )
+    if "gptq_seconds" in results:
+        lines.append(f"\nmlx-lm GPTQ of every linear at 4 bits: {results['gptq_seconds']:.0f} s")
     if "exact_baseline" in results:
         e = results["exact_baseline"]
         lines.append(

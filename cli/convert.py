@@ -20,6 +20,12 @@ class Method(str, Enum):
     exact = "exact"
 
 
+class SensitivityModes(str, Enum):
+    auto = "auto"
+    ar = "ar"
+    ar_diffusion = "ar,diffusion"
+
+
 def parse_bits(text: Optional[str]) -> Optional[list[int]]:
     """ "4,8" -> [4, 8]; a usage error for anything that is not a list of integers."""
     if text is None:
@@ -71,6 +77,14 @@ def convert_command(
         Method,
         typer.Option(help="auto: estimate, measure exactly near the cut; exact: measure all."),
     ] = Method.auto,
+    sensitivity_modes: Annotated[
+        SensitivityModes,
+        typer.Option(
+            help="Modes whose KL the sensitivities average. auto: those the weights were "
+            "trained for (AR alone for a graft not yet trained jointly, config.json "
+            "dhara_objective ar; AR and diffusion for a tri-mode model)."
+        ),
+    ] = SensitivityModes.auto,
     wide_groups: Annotated[
         bool,
         typer.Option(
@@ -97,6 +111,7 @@ def convert_command(
             sensitivities=sensitivities,
             force=force,
             sensitivity_method=sensitivity_method.value,
+            sensitivity_modes=sensitivity_modes.value,
             wide_groups=wide_groups,
         )
     except ValueError as exc:
@@ -116,7 +131,8 @@ def summary(report: dict, path: Path) -> str:
     lines = [
         f"wrote {path}: {report['achieved_bpw']:.3f} bpw (target {report['target_bpw']}), "
         f"{report['size_mb']:.1f} MB; {per_bits}; {what}",
-        f"sensitivities: {report['sensitivity']['method']}, "
+        f"sensitivities: {report['sensitivity']['method']}, in modes "
+        f"{', '.join(report['sensitivity']['modes'])}, "
         f"{report['sensitivity']['forwards_per_sample']:.1f} forwards per calibration sample",
     ]
     if "diffusion" not in modes:

@@ -22,8 +22,9 @@ HELP = "\n\n".join(
         "--from takes a Hugging Face directory or Hub id with model_type llama (or mistral "
         "without a sliding window; safetensors weights and tokenizer files), or a GGUF file "
         "of the llama architecture (F32, F16, Q4_0, Q4_1, Q8_0 and other types MLX reads, "
-        "dequantized). A GGUF needs --tokenizer, the Hugging Face tokenizer directory (or Hub "
-        "id) of the same model: graft does not rebuild a tokenizer from GGUF metadata.",
+        "dequantized). A GGUF's byte-level BPE tokenizer (tokenizer.ggml.model gpt2, pre-tokenizer "
+        "gpt2 or smollm: SmolLM2's) is rebuilt from its metadata; for other GGUF tokenizers "
+        "pass --tokenizer, the Hugging Face tokenizer directory (or Hub id) of the same model.",
     ]
 )
 
@@ -41,9 +42,9 @@ def graft_command(
     tokenizer: Annotated[
         Optional[str],
         typer.Option(
-            help="Hugging Face tokenizer directory or Hub id of the same model: needed for a "
-            "GGUF source (its tokenizer is not rebuilt from GGUF metadata); replaces a "
-            "directory's own otherwise."
+            help="Hugging Face tokenizer directory or Hub id of the same model: replaces the "
+            "source's own (a GGUF's byte-level BPE tokenizer is rebuilt from its metadata; "
+            "other GGUF tokenizers need this)."
         ),
     ] = None,
     dtype: Annotated[

@@ -5,6 +5,12 @@ and Q8_0 as MLX-quantized triples (dequantized here, exactly, to float32),
 other types it knows dequantized by MLX itself. llama.cpp stores the q and k
 projections' rows in interleaved RoPE order; ``unpermute`` puts them back in
 rotate-half order, so the weights are those of the Hugging Face model.
+
+A byte-level BPE tokenizer (``tokenizer.ggml.model`` ``gpt2``, with merges and a
+pre-tokenizer llama.cpp names ``gpt2`` or ``smollm``) is rebuilt from the
+metadata by ``gguf_tokenizer``: the vocabulary, merges and control tokens are
+the file's, so the ids are the model's. Other tokenizers need the model's
+Hugging Face tokenizer directory.
 """
 
 from dataclasses import dataclass
@@ -65,6 +71,7 @@ class GGUF:
     freq_factors: Optional[mx.array]  # rope_freqs (Llama 3 scaling): inv_freq / factors
     chat_template: Optional[str]
     tokens: Optional[list[str]]  # tokenizer.ggml.tokens
+    tokenizer: dict  # the tokenizer.ggml.* metadata, for gguf_tokenizer
 
 
 def _scalar(metadata: dict, key: str):
@@ -197,6 +204,7 @@ def read_gguf(file: Path) -> GGUF:
         freq_factors=freq_factors,
         chat_template=metadata.get("tokenizer.chat_template"),
         tokens=metadata.get("tokenizer.ggml.tokens"),
+        tokenizer={k: v for k, v in metadata.items() if k.startswith("tokenizer.ggml.")},
     )
 
 
@@ -215,3 +223,77 @@ def check_tokens(tokenizer, tokens: list[str], directory: Path) -> None:
                 f"--tokenizer {directory} is not the GGUF's tokenizer: token {i} is {mine!r} "
                 f"there and {theirs!r} in the GGUF (tokenizer.ggml.tokens)"
             )
+
+
+# llama.cpp's tokenizer.ggml.pre -> the pre-tokenizers before byte-level splitting with
+# GPT-2's regex: "smollm" (SmolLM, SmolLM2) first isolates every digit
+PRE_TOKENIZERS = {"gpt2": (), "smollm": ("digits",)}
+CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values
+
+
+def gguf_tokenizer(file: Path, tokenizer: dict, chat_template: Optional[str] = None):
+    """The byte-level BPE tokenizer a GGUF's metadata describes, as a transformers tokenizer.
+
+    A GGUF carries everything such a tokenizer is: the token strings at their ids,
+    the merges, which tokens are control tokens, the special token ids. Rebuilding
+    it saves fetching the Hugging Face tokenizer of a model a GGUF already holds.
+    Raises ValueError, naming the key, for a tokenizer it cannot rebuild.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    def need(key: str):
+        value = tokenizer.get(f"tokenizer.ggml.{key}")
+        if value is None:
+            raise ValueError(
+                f"{file}: the GGUF metadata has no tokenizer.ggml.{key}, so its tokenizer "
+                "cannot be rebuilt: pass --tokenizer DIR, the Hugging Face tokenizer of the model"
+            )
+        return value
+
+    kind, pre = need("model"), need("pre")
+    if kind != "gpt2" or pre not in PRE_TOKENIZERS:
+        raise ValueError(
+            f"{file}: the GGUF's tokenizer is tokenizer.ggml.model {kind!r} with "
+            f"tokenizer.ggml.pre {pre!r}; graft rebuilds only byte-level BPE ('gpt2') with "
+            f"pre-tokenizer {' or '.join(map(repr, PRE_TOKENIZERS))}: pass --tokenizer DIR, "
+            "the Hugging Face tokenizer of the model"
+        )
+    tokens, merges = need("tokens"), need("merges")
+    types = need("token_type").tolist()
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
+        raise ValueError(f"{file}: tokenizer.ggml.tokens has repeated tokens")
+    bpe = models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges])
+    backend = Tokenizer(bpe)
+    steps = (
+        [pre_tokenizers.Digits(individual_digits=True)] if "digits" in PRE_TOKENIZERS[pre] else []
+    )
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_tokens(
+        [
+            AddedToken(text, special=role == CONTROL, normalized=False)
+            for text, role in zip(tokens, types)
+            if role in (CONTROL, USER_DEFINED)
+        ]
+    )
+
+    def special(key: str) -> Optional[str]:
+        index = _scalar(tokenizer, f"tokenizer.ggml.{key}_token_id")
+        return None if index is None else tokens[int(index)]
+
+    bos = special("bos")
+    if bos is not None and _scalar(tokenizer, "tokenizer.ggml.add_bos_token"):
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token=special("eos"),
+        unk_token=special("unknown"),
+        pad_token=special("padding"),
+        chat_template=chat_template,
+    )

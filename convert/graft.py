@@ -20,9 +20,10 @@ computes exactly what the source computes in AR mode:
 
 A GGUF file is read by ``gguf.read_gguf``: MLX reads the tensors, quantized ones
 are dequantized, and llama.cpp's interleaved q/k rows go back to rotate-half
-order. A GGUF's tokenizer is not rebuilt from its metadata: ``tokenizer`` names
-the Hugging Face tokenizer directory of the same model (checked against the
-GGUF's token list).
+order. A GGUF's byte-level BPE tokenizer (SmolLM2's, GPT-2's) is rebuilt from
+its metadata (``gguf.gguf_tokenizer``); ``tokenizer`` names the Hugging Face
+tokenizer directory of the same model instead (checked against the GGUF's token
+list), and is needed for other GGUF tokenizers.
 
 Before writing, the grafted model's logits are compared with mlx-lm's llama on
 the same weights (``check``); the destination is written atomically.
@@ -42,7 +43,7 @@ from optiq_dhara.checkpoint import MODEL_TYPE
 from optiq_dhara.model import Model, ModelArgs, canon_widths
 from optiq_dhara.rope import rope_parameters
 
-from .gguf import LLAMA_SHAPE, check_tokens, read_gguf
+from .gguf import LLAMA_SHAPE, check_tokens, gguf_tokenizer, read_gguf
 from .source import DTYPES, HUB_ID, resolve_source
 from .writer import atomic_directory, check_destination
 
@@ -89,7 +90,7 @@ class Llama:
     rope_theta: float
     tie_word_embeddings: bool
     weights: dict[str, mx.array]
-    tokenizer_dir: Path
+    tokenizer_dir: Optional[Path]  # None: ``tokenizer`` was rebuilt from the GGUF
     kind: str  # "hf" or "gguf"
     model_type: str = "llama"
     rope_scaling: Optional[dict] = None  # yarn: dhara computes it; others go into inv_freq
@@ -99,6 +100,7 @@ class Llama:
     token_ids: dict = field(default_factory=dict)  # bos/eos/pad_token_id
     chat_template: Optional[str] = None  # a GGUF's, used when the tokenizer has none
     gguf_tokens: Optional[list] = None
+    tokenizer: Optional[object] = None  # rebuilt from a GGUF's metadata (no tokenizer_dir)
     extra_files: list[Path] = field(default_factory=list)
 
 
@@ -212,7 +214,11 @@ def _check_names(where: str, weights: dict[str, mx.array], layers: int) -> None:
 
 
 def llama_from_config(
-    config: dict, weights: dict[str, mx.array], where: str, tokenizer_dir: Path, kind: str
+    config: dict,
+    weights: dict[str, mx.array],
+    where: str,
+    tokenizer_dir: Optional[Path],
+    kind: str,
 ) -> Llama:
     """A checked ``Llama`` from a Hugging Face config and weights (names as in HF)."""
     _check_hf_config(config, where)
@@ -291,19 +297,15 @@ def read_hf(path: Path, tokenizer: Optional[Path] = None) -> Llama:
 
 
 def read_gguf_source(file: Path, tokenizer: Optional[Path]) -> Llama:
-    """A GGUF file of the llama architecture, with the tokenizer directory of the model."""
-    if tokenizer is None:
-        raise ValueError(
-            f"{file} is a GGUF file: graft does not rebuild a tokenizer from GGUF metadata. "
-            "Pass --tokenizer DIR, the Hugging Face tokenizer directory of the same model "
-            "(tokenizer.json, tokenizer_config.json; the model's Hub id works too)"
-        )
+    """A GGUF file of the llama architecture; its tokenizer is rebuilt unless one is given."""
     gguf = read_gguf(file)
     llama = llama_from_config(gguf.config, gguf.weights, str(file), tokenizer, "gguf")
     llama.dtype = gguf.dtype
     llama.freq_factors = gguf.freq_factors
     llama.chat_template = gguf.chat_template
     llama.gguf_tokens = gguf.tokens
+    if tokenizer is None:
+        llama.tokenizer = gguf_tokenizer(file, gguf.tokenizer, gguf.chat_template)
     return llama
 
 
@@ -336,25 +338,28 @@ def graft_tokenizer(source: Llama, mask_token: str) -> tuple[object, int]:
     """
     from transformers import AddedToken, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
-    except Exception as e:
-        raise ValueError(
-            f"{source.tokenizer_dir}: the tokenizer cannot be loaded ({e}); graft needs the "
-            "Hugging Face tokenizer files (tokenizer.json or tokenizer.model, "
-            "tokenizer_config.json)"
-        ) from e
+    where = source.tokenizer_dir or "the GGUF's tokenizer"
+    tokenizer = source.tokenizer
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
+        except Exception as e:
+            raise ValueError(
+                f"{source.tokenizer_dir}: the tokenizer cannot be loaded ({e}); graft needs the "
+                "Hugging Face tokenizer files (tokenizer.json or tokenizer.model, "
+                "tokenizer_config.json)"
+            ) from e
     count, vocab = len(tokenizer), source.vocab_size
     if count > vocab:
         raise ValueError(
-            f"{source.tokenizer_dir}: the tokenizer has {count} tokens, more than the model's "
+            f"{where}: the tokenizer has {count} tokens, more than the model's "
             f"{vocab} embedding rows: it is not this model's tokenizer"
         )
-    if source.gguf_tokens is not None:
+    if source.gguf_tokens is not None and source.tokenizer_dir is not None:
         check_tokens(tokenizer, source.gguf_tokens, source.tokenizer_dir)
     if mask_token in tokenizer.get_vocab():
         raise ValueError(
-            f"{source.tokenizer_dir}: the tokenizer already has {mask_token!r} (id "
+            f"{where}: the tokenizer already has {mask_token!r} (id "
             f"{tokenizer.convert_tokens_to_ids(mask_token)}); name the new MASK token "
             "otherwise (--mask-token)"
         )
@@ -449,6 +454,7 @@ def dhara_config(source: Llama, dtype: str, kept_scaling: Optional[dict], origin
         "canon_activation": False,
         "canon_bias": False,
         "torch_dtype": dtype,
+        "dhara_objective": "ar",  # trained for next-token only, until joint training
         **source.token_ids,
         "graft": origin,
     }
@@ -590,8 +596,9 @@ def graft(
 ) -> dict:
     """Write ``source`` (HF directory, Hub id or GGUF file) as a dhara checkpoint at ``out``.
 
-    ``tokenizer``: a Hugging Face tokenizer directory or Hub id; needed for a GGUF
-    source, overrides the checkpoint's own otherwise. ``dtype``: float16, bfloat16
+    ``tokenizer``: a Hugging Face tokenizer directory or Hub id; replaces the
+    source's own (a GGUF's byte-level BPE tokenizer is rebuilt from its metadata,
+    other GGUF tokenizers need it). ``dtype``: float16, bfloat16
     or float32 (default: the source's; a quantized GGUF gives float16). ``check``
     compares the logits with mlx-lm's llama before writing. Raises ValueError,
     naming the file, key or value, for a source it cannot graft or a bad

@@ -8,6 +8,10 @@ module in config.json, checks the written files carry that plan, and scores the
 mix and uniform 4- and 8-bit models on held-out text (``quantization_report.json``).
 A checkpoint without a MASK token (AR-only) converts the same way, measured and
 scored in AR mode alone; the report's ``modes`` says which modes the model has.
+The sensitivities average the modes the weights were trained for
+(``choose_modes``: AR alone for a graft not yet trained jointly, whose
+config.json says ``"dhara_objective": "ar"``) unless ``sensitivity_modes`` says
+otherwise; the report's ``sensitivity.modes`` records them.
 """
 
 import copy
@@ -42,6 +46,7 @@ from optiq_dhara.quantize.modules import (
 from optiq_dhara.quantize.sensitivity import (
     METHODS,
     Sensitivities,
+    choose_modes,
     load_sensitivities,
     measure_sensitivities,
 )
@@ -74,6 +79,7 @@ def convert(
     force: bool = False,
     *,
     sensitivity_method: str = "auto",
+    sensitivity_modes: str = "auto",
     held_out_samples: int = 8,
     block_len: int = 32,
     seed: int = 0,
@@ -87,6 +93,8 @@ def convert(
     written atomically and an existing one is replaced only with ``force``.
     ``wide_groups`` stores 8-bit modules in the widest group size their rows
     allow (``Grouping``); without it every module takes ``group_size``.
+    ``sensitivity_modes``: "auto" (the modes the weights were trained for), "ar"
+    or "ar,diffusion": the modes whose KL the sensitivities average.
     """
     started = time.perf_counter()
     dst = Path(mlx_path)
@@ -105,6 +113,7 @@ def convert(
             "num_samples": num_samples,
             "seq_len": seq_len,
             "sensitivities": sensitivities,
+            "sensitivity_modes": None if sensitivity_modes == "auto" else sensitivity_modes,
         }
         given = [name for name, value in quant_only.items() if value is not None]
         if given:
@@ -128,6 +137,7 @@ def convert(
             "modes": list(model.args.modes),
         }
 
+    modes = choose_modes(model.args, sensitivity_modes)
     modules = quantizable_modules(model)
     check_group_size(modules, group_size)
     grouping = Grouping.choose(group_size, wide_groups)
@@ -144,7 +154,7 @@ def convert(
     seconds = {}
     tick = time.perf_counter()
     if sensitivities is not None:
-        sens = load_sensitivities(Path(sensitivities), modules, bits, grouping)
+        sens = load_sensitivities(Path(sensitivities), modules, bits, grouping, modes)
     else:
         sens = measure_sensitivities(
             reference,
@@ -158,6 +168,7 @@ def convert(
             method=sensitivity_method,
             block_len=block_len,
             seed=seed,
+            modes=modes,
         )
     seconds["sensitivities"] = time.perf_counter() - tick
 
@@ -186,7 +197,7 @@ def convert(
         seconds["total"] = time.perf_counter() - started
         report = {
             "source": hf_path,
-            "modes": list(model.args.modes),  # AR-only (no MASK token): sensitivities in AR
+            "modes": list(model.args.modes),  # decoding modes; sensitivity.modes: those weighed
             "quantized": True,
             "target_bpw": target_bpw,
             "achieved_bpw": achieved,

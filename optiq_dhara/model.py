@@ -22,6 +22,10 @@ from .rope import rope_parameters
 
 CANON_SITES = "ABCD"
 MODES = ("ar", "diffusion", "spec")  # the decoding modes; all but "ar" need the MASK token
+# config.json "dhara_objective": what the weights were trained with. "joint" (AR plus
+# diffusion: every mode works; the default, as the shipped models were trained) or "ar"
+# (next-token only, e.g. a fresh graft: its MASK row and diffusion are untrained)
+OBJECTIVES = ("joint", "ar")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class ModelArgs(BaseModelArgs):
     canon_residual: bool = True
     canon_activation: bool = False
     canon_bias: bool = False
+    dhara_objective: str = "joint"
 
     def __post_init__(self):
         if self.model_type != MODEL_TYPE:
@@ -70,6 +75,12 @@ class ModelArgs(BaseModelArgs):
                 f"config.json: num_attention_heads ({self.num_attention_heads}) must be a "
                 f"multiple of num_key_value_heads ({self.num_key_value_heads})."
             )
+        if self.dhara_objective not in OBJECTIVES:
+            raise ValueError(
+                f"config.json: dhara_objective {self.dhara_objective!r} is not one of "
+                f"{', '.join(OBJECTIVES)} (what the weights were trained with; leave it out "
+                "for joint)."
+            )
         if self.canon_kernel < 1:
             raise ValueError(f"config.json: canon_kernel must be >= 1, got {self.canon_kernel}.")
         if self.mask_token_id is not None and self.mask_token_id < 0:
@@ -89,6 +100,13 @@ class ModelArgs(BaseModelArgs):
         convert) asks.
         """
         return MODES if self.mask_token_id is not None else ("ar",)
+
+    @property
+    def trained_modes(self) -> tuple[str, ...]:
+        """The modes the weights were trained for: ``modes``, or "ar" alone when
+        ``dhara_objective`` is "ar" (a graft before joint training decodes in every
+        mode, but only AR well). What the quantizer's sensitivity weighs by default."""
+        return ("ar",) if self.dhara_objective == "ar" else self.modes
 
     def require_mask(self, what: str) -> int:
         """The MASK id, or a ValueError saying that ``what`` needs it and how to get one."""

@@ -2,8 +2,11 @@
 
 KL(float || float with one module quantized) per scored position, on the
 calibration tokens, in an AR and a block-diffusion forward (``optiq_dhara.metrics``),
-averaged over the two modes; a model without a MASK token (AR-only) is measured
-in the AR forward alone.
+averaged over the sensitivity modes (``choose_modes``): by default the modes
+the weights were trained for (``ModelArgs.trained_modes``): AR and diffusion for
+a jointly trained (tri-mode) model; AR alone for one trained for next-token only
+(a graft: its untrained diffusion would otherwise steer the bits) or without a
+MASK token.
 
 Measuring every module exactly by full forwards costs about 2 x modules + 2
 forwards per sample. Two things make it cheaper:
@@ -41,7 +44,6 @@ from optiq_dhara.metrics import (
     kl_divergence,
     make_scoring,
     scored_log_probs,
-    scoring_modes,
     target_nll,
 )
 
@@ -51,8 +53,28 @@ from .staged import ForwardCount, forward_from, forward_with_states, head
 
 Method = Literal["auto", "exact"]
 METHODS = ("auto", "exact")
+SENSITIVITY_MODES = ("auto", "ar", "ar,diffusion")  # what --sensitivity-modes takes
 FORMAT = "optiq-dhara sensitivities v1"
 TINY = 1e-30  # KL floor: keeps ratios finite
+
+
+def choose_modes(args, choice: str = "auto") -> tuple[str, ...]:
+    """The modes whose KL a sensitivity averages, for a model's ``args``.
+
+    "auto": the modes the weights were trained for (``args.trained_modes``), so a
+    model never trained for diffusion is not quantized for it; "ar" or
+    "ar,diffusion" override that (diffusion needs the MASK token).
+    """
+    if choice not in SENSITIVITY_MODES:
+        raise ValueError(
+            f"sensitivity modes {choice!r} is not one of {', '.join(SENSITIVITY_MODES)}"
+        )
+    if choice == "auto":
+        return tuple(mode for mode in MODES if mode in args.trained_modes)
+    modes = tuple(choice.split(","))
+    if "diffusion" in modes:
+        args.require_mask(f"sensitivity modes {choice!r}")
+    return modes
 
 
 def fake_quantize(weight: mx.array, bits: int, group_size: int, dtype: mx.Dtype) -> mx.array:
@@ -89,6 +111,7 @@ class Sensitivities:
     """All modules' sensitivities and how they were obtained."""
 
     modules: dict[str, Sensitivity]
+    modes: tuple[str, ...]
     candidate_bits: tuple[int, ...]
     grouping: Grouping
     method: str
@@ -105,7 +128,8 @@ class Sensitivities:
         return {
             "format": FORMAT,
             "kl": "mean KL(float || one module quantized) per scored position, "
-            "averaged over the modes (AR, and diffusion when the model has a MASK token)",
+            "averaged over the modes",
+            "modes": list(self.modes),
             "candidate_bits": list(self.candidate_bits),
             **self.grouping.as_dict(),
             "method": self.method,
@@ -123,9 +147,18 @@ class Sensitivities:
 
 
 def load_sensitivities(
-    path: Path, modules: list[Quantizable], candidate_bits: tuple[int, ...], grouping: Grouping
+    path: Path,
+    modules: list[Quantizable],
+    candidate_bits: tuple[int, ...],
+    grouping: Grouping,
+    modes: Optional[tuple[str, ...]] = None,
 ) -> Sensitivities:
-    """Read a sensitivities JSON and check it fits this model and these choices."""
+    """Read a sensitivities JSON and check it fits this model and these choices.
+
+    The KL averages ``modes`` (``choose_modes``; default: every mode the file
+    measured), each of which the file must have measured: a file measured in AR
+    and diffusion serves AR alone too.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -134,7 +167,7 @@ def load_sensitivities(
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ValueError(f"sensitivities file {path} is not a {FORMAT!r} file")
     try:
-        return _from_dict(data, path, modules, candidate_bits, grouping)
+        return _from_dict(data, path, modules, candidate_bits, grouping, modes)
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"sensitivities file {path} is malformed (bad or missing {e})") from e
 
@@ -145,6 +178,7 @@ def _from_dict(
     modules: list[Quantizable],
     candidate_bits: tuple[int, ...],
     grouping: Grouping,
+    modes: Optional[tuple[str, ...]],
 ) -> Sensitivities:
     if data["group_size"] != grouping.size:
         raise ValueError(
@@ -164,6 +198,13 @@ def _from_dict(
             f"{data['candidate_bits']}: measure again with these candidate bits"
         )
     stored = data["modules"]
+    measured = tuple(m for m in MODES if m == "ar" or all(m in v for v in stored.values()))
+    modes = modes or measured
+    if set(modes) - set(measured):
+        raise ValueError(
+            f"sensitivities file {path} was measured in modes {','.join(measured)}, not "
+            f"{','.join(modes)}: pass --sensitivity-modes {','.join(measured)} or measure again"
+        )
     wanted = {m.path for m in modules}
     if set(stored) != wanted:
         odd = sorted(wanted ^ set(stored))
@@ -173,17 +214,14 @@ def _from_dict(
         )
     sens = {
         p: Sensitivity(
-            {
-                mode: {b: float(v[mode][str(b)]) for b in candidate_bits}
-                for mode in MODES
-                if mode == "ar" or mode in v  # diffusion only where it was measured (MASK)
-            },
+            {mode: {b: float(v[mode][str(b)]) for b in candidate_bits} for mode in modes},
             bool(v["measured"]),
         )
         for p, v in stored.items()
     }
     return Sensitivities(
         sens,
+        modes,
         candidate_bits,
         grouping,
         data["method"],
@@ -199,8 +237,8 @@ class Calibrator:
     """The float model's view of the calibration tokens: what each KL is measured against.
 
     Keeps, per mode and batch, the scoring, the reference log-probabilities at the
-    scored positions and the residual stream at every layer boundary. The modes
-    are the model's (``metrics.scoring_modes``: AR alone without a MASK token).
+    scored positions and the residual stream at every layer boundary, in ``modes``
+    (default: those the weights were trained for, ``choose_modes``).
     """
 
     def __init__(
@@ -213,12 +251,13 @@ class Calibrator:
         block_len: int = 32,
         batch_size: int = 4,
         seed: int = 0,
+        modes: Optional[tuple[str, ...]] = None,
     ):
         self.model = model
         self.dtype = dtype
         self.grouping = grouping
         self.mask_id = model.args.mask_token_id
-        self.modes = scoring_modes(model.args)
+        self.modes = modes or choose_modes(model.args)
         self.samples = tokens.shape[0]
         self.count = ForwardCount(len(model.layers))
         self.modules = dict(model.named_modules())
@@ -511,8 +550,12 @@ def measure_sensitivities(
     block_len: int = 32,
     batch_size: int = 4,
     seed: int = 0,
+    modes: Optional[tuple[str, ...]] = None,
 ) -> Sensitivities:
     """KL sensitivities of ``modules`` on ``tokens`` [N, L] (``model`` in float32).
+
+    The KL averages ``modes`` (default: ``choose_modes(model.args)``, those the
+    weights were trained for).
 
     ``budget`` (stored bits of the quantized modules) lets ``"auto"`` measure
     exactly the modules where the allocation under that budget is decided; it
@@ -530,6 +573,7 @@ def measure_sensitivities(
         block_len=block_len,
         batch_size=batch_size,
         seed=seed,
+        modes=modes,
     )
     samples, modes = tokens.shape[0], len(calib.modes)
     naive = naive_forwards(len(modules), len(candidate_bits), modes)
@@ -559,6 +603,7 @@ def measure_sensitivities(
         sens, extra = refinement.sensitivities(), refinement.summary()
     return Sensitivities(
         sens,
+        calib.modes,
         candidate_bits,
         grouping,
         method,

@@ -12,6 +12,7 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx_lm
@@ -150,6 +151,7 @@ def test_grafted_checkpoint_is_dhara_with_identity_canon_and_a_mask_token(source
         assert config[key] == BASE[key]
     assert config["head_dim"] == 16 and config["tie_word_embeddings"] is True
     assert config["graft"]["format"] == "hf" and config["graft"]["source_model_type"] == "llama"
+    assert config["dhara_objective"] == "ar"  # the quantizer weighs AR alone until joint training
 
     weights = mx.load(str(out / "model.safetensors"))
     canon = [k for k in weights if ".canon_" in k]
@@ -166,7 +168,7 @@ def test_grafted_checkpoint_is_dhara_with_identity_canon_and_a_mask_token(source
 
     model, tokenizer = mlx_lm.load(str(out))
     _, reference = mlx_lm.load(str(source))
-    assert model.args.modes == ("ar", "diffusion", "spec")
+    assert model.args.modes == ("ar", "diffusion", "spec") and model.args.trained_modes == ("ar",)
     assert tokenizer.convert_tokens_to_ids("<|mask|>") == VOCAB
     assert tokenizer.encode("a<|mask|>b")[1:2] == [VOCAB]
     assert tokenizer.chat_template == reference.chat_template
@@ -291,9 +293,11 @@ def gguf_tensors(src: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def gguf_metadata(src: Path, tokens: list[str]) -> dict:
+def gguf_metadata(src: Path, tokens: list[str], tokenizer: Optional[dict] = None) -> dict:
+    """The llama metadata of ``src``; ``tokenizer``: more tokenizer.ggml keys (merges...)."""
     config = json.loads((src / "config.json").read_text())
     return {
+        **(tokenizer or {}),
         "general.architecture": "llama",
         "llama.block_count": config["num_hidden_layers"],
         "llama.embedding_length": config["hidden_size"],
@@ -307,6 +311,18 @@ def gguf_metadata(src: Path, tokens: list[str]) -> dict:
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.tokens": tokens,
         "tokenizer.ggml.eos_token_id": config["eos_token_id"],
+    }
+
+
+def tokenizer_of(src: Path, pre: str = "gpt2") -> dict:
+    """The tokenizer.ggml keys llama.cpp writes for the byte-level BPE tokenizer of ``src``."""
+    data = json.loads((src / "tokenizer.json").read_text())
+    added = {t["id"] for t in data["added_tokens"] if t["special"]}
+    return {
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.merges": [" ".join(pair) for pair in data["model"]["merges"]],
+        "tokenizer.ggml.token_type": mx.array([3 if i in added else 1 for i in range(VOCAB)]),
+        "tokenizer.ggml.padding_token_id": 0,
     }
 
 
@@ -390,6 +406,22 @@ def test_float_gguf_equals_the_source(source, tmp_path):
     assert config["rope_theta"] == BASE["rope_theta"] and config["tie_word_embeddings"]
 
 
+def test_gguf_tokenizer_is_rebuilt_from_its_metadata(source, tmp_path):
+    """No --tokenizer: the byte-level BPE of the GGUF's metadata gives the source's ids."""
+    file = tmp_path / "tiny.gguf"
+    metadata = gguf_metadata(source, source_tokens(source), tokenizer_of(source))
+    save_float_gguf(file, gguf_tensors(source), metadata)
+    graft(str(file), tmp_path / "out")
+    assert_same_model(source, tmp_path / "out")
+    _, reference = mlx_lm.load(str(source))
+    _, rebuilt = mlx_lm.load(str(tmp_path / "out"))
+    for text in (PROMPT, "x = [1, 22, 333]  # it's <|im_end|> done\n\n\ty", "émoji 🙂 ok"):
+        assert rebuilt.encode(text) == reference.encode(text)
+        assert rebuilt.decode(rebuilt.encode(text)) == text
+    assert rebuilt.eos_token_id == BASE["eos_token_id"] and rebuilt.pad_token == "<|endoftext|>"
+    assert rebuilt.convert_tokens_to_ids("<|mask|>") == VOCAB
+
+
 def test_q4_1_gguf_equals_the_dequantized_source(source, tmp_path):
     """Q4_1 (SmolLM2's GGUF type): MLX reads the blocks, graft dequantizes them exactly."""
     file = tmp_path / "tiny-q4_1.gguf"
@@ -445,10 +477,14 @@ def test_gguf_refusals(source, golden_dir, tmp_path):
     tensors, tokens = gguf_tensors(source), source_tokens(source)
     file = tmp_path / "tiny.gguf"
     save_float_gguf(file, tensors, gguf_metadata(source, tokens))
-    with pytest.raises(
-        ValueError, match=r"GGUF file: graft does not rebuild a tokenizer.*--tokenizer"
-    ):
+    with pytest.raises(ValueError, match=r"no tokenizer.ggml.pre, so its tokenizer.*--tokenizer"):
         graft(str(file), tmp_path / "out")
+    llama3 = tmp_path / "llama3.gguf"
+    save_float_gguf(
+        llama3, tensors, gguf_metadata(source, tokens, tokenizer_of(source, "llama-bpe"))
+    )
+    with pytest.raises(ValueError, match=r"tokenizer.ggml.pre 'llama-bpe'.*--tokenizer DIR"):
+        graft(str(llama3), tmp_path / "out")
     with pytest.raises(ValueError, match=r"has 317 tokens, more than the model's 316"):
         graft(str(file), tmp_path / "out", tokenizer=str(golden_dir))  # it has <|mask|>
     shuffled = tmp_path / "shuffled.gguf"

@@ -111,6 +111,20 @@ def check_output(
     return out.exists()
 
 
+def with_objective(config: dict, diffusion_weight: float, fresh: bool = False) -> dict:
+    """``config`` recording what its weights are trained with now (``dhara_objective``,
+    ``optiq_dhara.model.OBJECTIVES``), which the quantizer reads to weigh the modes.
+
+    Training with a diffusion weight makes them "joint"; next-token training makes
+    fresh weights "ar" and leaves a checkpoint's record as it was.
+    """
+    if diffusion_weight > 0:
+        return {**config, "dhara_objective": "joint"}
+    if fresh:
+        return {**config, "dhara_objective": "ar"}
+    return config
+
+
 def save_model_atomic(
     model: nn.Module, config: dict, out_dir: Path, tokenizer_dir: Path, replace: bool
 ) -> None:

@@ -14,7 +14,13 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from optiq_dhara.checkpoint import check_directory, read_config
 
-from .checkpoint import check_output, freeze_rope, model_from_config, save_model_atomic
+from .checkpoint import (
+    check_output,
+    freeze_rope,
+    model_from_config,
+    save_model_atomic,
+    with_objective,
+)
 from .data import encode_documents, tiled_batches, window_batches
 from .loss import require_joint
 from .trainer import TrainConfig, evaluate_losses, train
@@ -136,6 +142,7 @@ def run(
     )
     network, settings, tokenizer_dir = open_start(model, config)
     require_joint(network, train_config.diffusion_weight)  # before the corpus is read
+    settings = with_objective(settings, train_config.diffusion_weight, fresh=model is None)
     tokenizer_dir = Path(tokenizer) if tokenizer is not None else tokenizer_dir
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise ValueError(f"no tokenizer.json in {tokenizer_dir}: pass --tokenizer DIR.")

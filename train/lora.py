@@ -20,7 +20,7 @@ from mlx_lm.utils import dequantize_model
 
 from optiq_dhara.checkpoint import load
 
-from .checkpoint import atomic_write, check_output, save_model_atomic
+from .checkpoint import atomic_write, check_output, save_model_atomic, with_objective
 from .data import dataset_batches, load_jsonl_splits
 from .loss import BLOCK_CONTEXT, BLOCK_LEN, DIFFUSION_WEIGHT, require_joint
 from .modes import spec_accepted_per_round
@@ -236,6 +236,10 @@ def fuse(
         checkpoints=[("the base model's folder", model_path), ("the adapters", adapter_path)],
     )
     model, tokenizer, config = load(model_path, adapter_path=str(adapter_path), return_config=True)
+    settings = json.loads((Path(adapter_path) / "adapter_config.json").read_text())
+    training = settings.get("training", {})
+    if training.get("objective") == "joint":  # jointly trained adapters: the fused model is joint
+        config = with_objective(config, training.get("diffusion_weight", DIFFUSION_WEIGHT))
     fused = [
         (name, module.fuse(dequantize=dequantize))
         for name, module in model.named_modules()
