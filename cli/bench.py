@@ -51,7 +51,7 @@ def bench(
         ),
     ] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per run.")] = 16,
-    block_len: BlockLen = 32,
+    block_len: BlockLen = None,
     threshold: Threshold = 0.5,
     k: SpecK = 8,
     reference: Annotated[

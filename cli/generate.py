@@ -43,7 +43,12 @@ RepetitionPenalty = Annotated[
 ]
 Seed = Annotated[Optional[int], typer.Option(help="Seed of sampling (same seed, same text).")]
 BlockLen = Annotated[
-    int, typer.Option(min=1, help="Block length of diffusion and of spec's draft grid.")
+    Optional[int],
+    typer.Option(
+        min=1,
+        help="Block length of diffusion and of spec's draft grid (default: the model's; "
+        "32 for dhara).",
+    ),
 ]
 Threshold = Annotated[
     float,
@@ -51,6 +56,14 @@ Threshold = Annotated[
 ]
 SpecK = Annotated[
     int, typer.Option("--k", min=2, help="Spec: window of the anchor plus k-1 draft tokens.")
+]
+Steps = Annotated[
+    Optional[int],
+    typer.Option(
+        min=1,
+        help="arcLM (BD3LM) diffusion: denoising steps per block (default: the block "
+        "length, one token a step).",
+    ),
 ]
 System = Annotated[Optional[str], typer.Option(help="System message for the chat template.")]
 
@@ -63,24 +76,27 @@ def is_hub_id(path: str) -> bool:
     return not Path(path).exists() and HUB_ID.fullmatch(path) is not None
 
 
-def load_model(path: str, param_hint: str = "'--model'"):
+def load_model(path: str, param_hint: str = "'--model'", decoding_only: bool = False):
     """(model, tokenizer) of ``path``, or a usage error naming what is wrong.
 
     A local folder is checked first (``optiq_dhara.checkpoint.load``): a folder
     that is not a dhara checkpoint, a missing or corrupt config.json or
     tokenizer, weights that do not fit the config, each get a message naming the
     file; a Hugging Face repo id is downloaded by mlx-lm and must hold a dhara.
+    ``decoding_only`` commands (generate, chat, serve) also run arcLM checkpoints.
     """
     import mlx_lm
 
     import optiq_dhara  # noqa: F401  (registers dhara with mlx-lm)
+    from optiq_dhara.arclm.model import Model as ArcLM
+    from optiq_dhara.checkpoint import DECODING_TYPES, MODEL_TYPE
     from optiq_dhara.checkpoint import load as checked_load
     from optiq_dhara.model import Model
 
     blas_hint()
     if not is_hub_id(path):
         try:
-            return checked_load(path)
+            return checked_load(path, DECODING_TYPES if decoding_only else (MODEL_TYPE,))
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint=param_hint) from exc
     try:
@@ -91,7 +107,7 @@ def load_model(path: str, param_hint: str = "'--model'"):
             f"Hugging Face repo): {exc}",
             param_hint=param_hint,
         ) from exc
-    if not isinstance(model, Model):
+    if not isinstance(model, (Model, ArcLM) if decoding_only else Model):
         raise typer.BadParameter(
             f"{path!r} is a {type(model).__module__.rsplit('.', 1)[-1]} model, not a dhara "
             "checkpoint (model_type dhara_ar)",
@@ -184,6 +200,7 @@ def _decoding(
     block_len: int,
     threshold: float,
     k: int,
+    steps: Optional[int],
 ) -> dict:
     """The runtime's decoding keywords from the shared command options."""
     return dict(
@@ -198,6 +215,7 @@ def _decoding(
         block_len=block_len,
         threshold=threshold,
         k=k,
+        steps=steps,
     )
 
 
@@ -222,16 +240,17 @@ def generate(
     stop: Annotated[
         Optional[list[str]], typer.Option(help="Stop at this text (repeatable); it is not printed.")
     ] = None,
-    block_len: BlockLen = 32,
+    block_len: BlockLen = None,
     threshold: Threshold = 0.5,
     k: SpecK = 8,
+    steps: Steps = None,
 ) -> None:
     """Generate from a prompt, streaming the text; a stats line follows on stderr."""
     from optiq_dhara.runtime import stream_text
     from optiq_dhara.runtime.text import encode_prompt
 
     prompt = read_prompt(prompt)
-    loaded, tokenizer = load_model(model)
+    loaded, tokenizer = load_model(model, decoding_only=True)
     mode = pick_mode(mode, loaded)
     if loaded.args.mask_token_id is None:  # say why the default is ar
         typer.echo(f"{model}: {describe_modes(loaded)}", err=True)
@@ -258,6 +277,7 @@ def generate(
             block_len,
             threshold,
             k,
+            steps,
         ),
     )
     _print_reply(chunks)
@@ -275,9 +295,10 @@ def chat(
     min_p: MinP = 0.0,
     repetition_penalty: RepetitionPenalty = 1.15,
     seed: Seed = None,
-    block_len: BlockLen = 32,
+    block_len: BlockLen = None,
     threshold: Threshold = 0.5,
     k: SpecK = 8,
+    steps: Steps = None,
 ) -> None:
     """Chat in the terminal, one line per turn; the history is kept.
 
@@ -287,7 +308,7 @@ def chat(
     """
     from optiq_dhara.serve.console import HELP, ChatSession
 
-    loaded, tokenizer = load_model(model)
+    loaded, tokenizer = load_model(model, decoding_only=True)
     mode = pick_mode(mode, loaded)
     session = ChatSession(
         loaded,
@@ -305,6 +326,7 @@ def chat(
             block_len,
             threshold,
             k,
+            steps,
         ),
     )
     limit = loaded.args.max_position_embeddings

@@ -103,7 +103,7 @@ def serve(
 
     try:
         run_server(
-            lambda: load_model(model),
+            lambda: load_model(model, decoding_only=True),
             model_id=model,
             host=host,
             port=port,

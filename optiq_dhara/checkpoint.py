@@ -15,6 +15,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 MODEL_TYPE = "dhara_ar"
+ARCLM_TYPE = "arclm"  # a Qwen3.5-hybrid BD3LM checkpoint (optiq_dhara.arclm): decoding only
+DECODING_TYPES = (MODEL_TYPE, ARCLM_TYPE)  # what generate, chat and serve run
 QUANTIZATION_PARTS = ("scales", "biases")
 
 # What config.json decides the shape (or presence) of a tensor, by name fragment.
@@ -81,7 +83,7 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
         raise ValueError(f"the dhara checkpoint does not match its config.json:\n  {listed}")
 
 
-def read_config(file: Union[str, Path]) -> dict:
+def read_config(file: Union[str, Path], model_types: tuple[str, ...] = (MODEL_TYPE,)) -> dict:
     """A dhara config.json, or a ValueError naming the file and what is wrong with it."""
     file = Path(file)
     if not file.is_file():
@@ -93,15 +95,16 @@ def read_config(file: Union[str, Path]) -> dict:
             f"{file} cannot be read as JSON: {e}; restore it from the model it came from"
         ) from e
     found = config.get("model_type") if isinstance(config, dict) else None
-    if found != MODEL_TYPE:
+    if found not in model_types:
+        wanted = " or ".join(repr(t) for t in model_types)
         raise ValueError(
-            f"{file}: model_type is {found!r}, not {MODEL_TYPE!r}: this is not a dhara "
+            f"{file}: model_type is {found!r}, not {wanted}: this is not a dhara "
             "checkpoint (dhara-mlx runs dhara models only; `mlx_lm` runs the others)"
         )
     return config
 
 
-def check_directory(path: Union[str, Path]) -> dict:
+def check_directory(path: Union[str, Path], model_types: tuple[str, ...] = (MODEL_TYPE,)) -> dict:
     """config.json of a dhara checkpoint directory, after checking what loading needs."""
     path = Path(path)
     if not path.is_dir():
@@ -112,7 +115,7 @@ def check_directory(path: Union[str, Path]) -> dict:
             f"{path} has no config.json: a dhara checkpoint directory holds config.json "
             "and model*.safetensors"
         )
-    config = read_config(file)
+    config = read_config(file, model_types)
     if not any(path.glob("model*.safetensors")):
         raise ValueError(f"{path} has no model*.safetensors weights")
     return config
@@ -142,17 +145,18 @@ def check_tokenizer(path: Union[str, Path]) -> None:
             ) from e
 
 
-def load(path: Union[str, Path], **kwargs):
+def load(path: Union[str, Path], model_types: tuple[str, ...] = (MODEL_TYPE,), **kwargs):
     """``mlx_lm.load`` of a local dhara checkpoint directory, checked first.
 
     Returns what ``mlx_lm.load`` returns, (model, tokenizer) by default. Every
     failure is a ValueError naming the directory or file: not a dhara checkpoint
     (model_type), no or unreadable config.json, no weights, no or unreadable
-    tokenizer, weights that do not match the config.
+    tokenizer, weights that do not match the config. ``model_types``: the
+    model types accepted (DECODING_TYPES adds arcLM, for the decoding commands).
     """
     import mlx_lm
 
-    check_directory(path)
+    check_directory(path, model_types)
     check_tokenizer(path)
     try:
         return mlx_lm.load(str(path), **kwargs)

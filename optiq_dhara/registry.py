@@ -16,8 +16,11 @@ import mlx_lm.models.cache as mlx_cache
 from transformers import AutoConfig, PretrainedConfig
 
 from . import model
+from .arclm import model as arclm_model
 from .cache import DharaCache
 from .checkpoint import MODEL_TYPE
+
+ARCLM_TYPE = "arclm"
 
 
 class DharaConfig(PretrainedConfig):
@@ -33,14 +36,24 @@ class DharaConfig(PretrainedConfig):
     rope_theta: float = 8_000_000.0
 
 
+class ArcLMConfig(PretrainedConfig):
+    """config.json of an arcLM checkpoint (a Qwen3.5 text config), as transformers sees it."""
+
+    model_type = ARCLM_TYPE
+
+
 def register() -> None:
-    """Make ``mlx_lm.load`` and ``load_prompt_cache`` understand dhara."""
-    name = f"mlx_lm.models.{MODEL_TYPE}"
-    sys.modules[name] = model
-    setattr(mlx_lm.models, MODEL_TYPE, model)
+    """Make ``mlx_lm.load`` and ``load_prompt_cache`` understand dhara (and arcLM)."""
+    for model_type, module, config in (
+        (MODEL_TYPE, model, DharaConfig),
+        (ARCLM_TYPE, arclm_model, ArcLMConfig),
+    ):
+        name = f"mlx_lm.models.{model_type}"
+        sys.modules[name] = module
+        setattr(mlx_lm.models, model_type, module)
+        AutoConfig.register(model_type, config, exist_ok=True)
+        if importlib.import_module(name) is not module:
+            raise RuntimeError(f"optiq_dhara could not register {name} with mlx-lm")
     setattr(mlx_cache, DharaCache.__name__, DharaCache)
-    AutoConfig.register(MODEL_TYPE, DharaConfig, exist_ok=True)
-    if importlib.import_module(name) is not model:
-        raise RuntimeError(f"optiq_dhara could not register {name} with mlx-lm")
     if getattr(mlx_cache, DharaCache.__name__) is not DharaCache:
         raise RuntimeError("optiq_dhara could not register DharaCache with mlx-lm")

@@ -86,8 +86,9 @@ class SlotCache:
 
     def __init__(self, model, rows: int = 1):
         self.model = model
-        self.history_len = model.args.canon_kernel - 1
+        self.history_len = getattr(model.args, "canon_kernel", 1) - 1  # 0: no Canon state
         self.lengths: list[int] = [0] * rows
+        self.phases: list[int] = [0] * rows  # where each row's block grid starts (prepare)
         self.capacity = 0
         count = model.args.num_hidden_layers
         self.keys: list[Optional[mx.array]] = [None] * count
@@ -128,7 +129,8 @@ class SlotCache:
 
         Row b's queries are its positions ``lengths[b] ..``; its first ``real[b]``
         are tokens, the rest padding. ``grids[b]`` is the row's block length
-        (1 for causal): a real query at p sees key j iff ``j // g <= p // g`` and
+        (1 for causal): a real query at p sees key j iff ``(j + f) // g <= (p + f) // g``
+        (f the row's ``phases[b]``, 0 unless its blocks start elsewhere than at 0) and
         j is one of the row's tokens; a padding query sees the keys up to itself,
         so that it never attends to nothing.
         """
@@ -142,7 +144,11 @@ class SlotCache:
         keys = mx.arange(self._used)
         grid = mx.array(list(grids))[:, None, None, None]
         ends = (starts + mx.array(list(real)))[:, None, None, None]
-        seen = (keys // grid <= queries // grid) & (keys < ends)
+        if any(self.phases):
+            phase = mx.array(self.phases)[:, None, None, None]
+            seen = ((keys + phase) // grid <= (queries + phase) // grid) & (keys < ends)
+        else:
+            seen = (keys // grid <= queries // grid) & (keys < ends)
         return mx.where(queries >= ends, keys <= queries, seen)
 
     def _write_at(self, buffer: mx.array, update: mx.array) -> mx.array:
@@ -204,6 +210,7 @@ class SlotCache:
                 if a is not None:
                     arrays[i] = mx.concatenate([a, mx.zeros((count, *a.shape[1:]), a.dtype)])
         self.lengths = self.lengths + [0] * count
+        self.phases = self.phases + [0] * count
         self.checkpoints = self.checkpoints + [{} for _ in range(count)]
         self._offsets = mx.array(self.lengths)
 
@@ -215,6 +222,7 @@ class SlotCache:
                 if a is not None:
                     arrays[i] = a[index]
         self.lengths = [self.lengths[r] for r in rows]
+        self.phases = [self.phases[r] for r in rows]
         self.checkpoints = [self.checkpoints[r] for r in rows]
         self._offsets = mx.array(self.lengths)
 
@@ -235,6 +243,7 @@ class SlotCache:
                 part = tail[source_row : source_row + 1]
                 self.tails[i] = mx.slice_update(self.tails[i], part, mx.array([row]), (0,))
         self.lengths[row] = length
+        self.phases[row] = source.phases[source_row]
         self.checkpoints[row] = dict(source.checkpoints[source_row])
         self._offsets = mx.array(self.lengths)
 
@@ -249,9 +258,10 @@ class SlotCache:
     def take_row(self, row: int) -> "SlotCache":
         """A one-row cache with a copy of row ``row``'s state, evaluated and sharing
         no buffer with this cache (so that this one stays writable in place)."""
-        out = SlotCache(self.model)
+        out = type(self)(self.model)
         length = self.lengths[row]
         out.lengths, out.capacity = [length], _round_up(length)
+        out.phases = [self.phases[row]]
 
         def copy(a: Optional[mx.array]) -> Optional[mx.array]:
             if a is None:
@@ -272,8 +282,9 @@ class SlotCache:
     def clone(self) -> "SlotCache":
         """A cache with the same state that can be changed without changing this one
         (the arrays are shared: MLX copies a buffer before writing into a shared one)."""
-        out = SlotCache(self.model, self.rows)
+        out = type(self)(self.model, self.rows)
         out.lengths, out.capacity = list(self.lengths), self.capacity
+        out.phases = list(self.phases)
         out.keys, out.values, out.tails = list(self.keys), list(self.values), list(self.tails)
         out.checkpoints = [dict(c) for c in self.checkpoints]
         out._offsets = mx.array(out.lengths)
@@ -304,3 +315,10 @@ class SlotCache:
                 at = held[position][i] if position else mx.zeros(tail.shape[1:], tail.dtype)
                 self.tails[i] = mx.where(chosen, at[None], tail)
         return position
+
+
+def row_cache(model, rows: int = 1):
+    """An empty runtime cache of ``rows`` rows for ``model``: the model's own kind
+    (``model.row_cache``, as arcLM has), else a SlotCache."""
+    make = getattr(model, "row_cache", None)
+    return make(rows) if make is not None else SlotCache(model, rows)

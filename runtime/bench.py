@@ -20,7 +20,7 @@ from ..model import Model, ModelArgs
 from .decode import decode
 from .diffusion import denoise
 from .sampling import Sampling
-from .settings import require_mode
+from .settings import default_block_len, require_mode
 
 
 @dataclass
@@ -147,7 +147,7 @@ def run_bench(
     prompt_lengths: Iterable[int] = (16, 512),
     modes: Iterable[str] = ("ar", "diffusion", "spec"),
     max_tokens: int = 16,
-    block_len: int = 32,
+    block_len: Optional[int] = None,
     threshold: float = 0.5,
     k: int = 8,
     reference: bool = True,
@@ -167,6 +167,7 @@ def run_bench(
     lengths, modes = sorted(prompt_lengths), list(modes)
     for mode in modes + (["diffusion"] if reference else []):
         require_mode(model.args, mode)
+    block_len = block_len or default_block_len(model.args)
     options = dict(block_len=block_len, threshold=threshold, k=k)
     rows = []
     for mode in modes:

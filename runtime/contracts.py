@@ -40,6 +40,23 @@ class DecodingModel(Protocol):
     def head(self, hidden: mx.array) -> mx.array:
         """Logits [..., vocab] of hidden states [..., hidden]."""
 
+    # Optional: ``row_cache(rows)`` (its RowCache; default a SlotCache), ``block_decoding``
+    # (a BlockDecoding; dhara's is runtime/diffusion.py) and ``reuses_prefixes`` (False:
+    # the engine keeps no prefix cache for this model).
+
+
+class BlockDecoding(Protocol):
+    """How a model's block diffusion mode decodes: the engine's "diffusion" group runs
+    ``step``; a row's block grid starts at ``block_phase`` (positions p and q share a
+    block iff ``(p + phase) // grid == (q + phase) // grid``); ``start_block`` gives a
+    row its next block of MASK tokens (``row.start``, ``row.block``)."""
+
+    def step(self, group) -> list: ...
+
+    def block_phase(self, prompt_length: int, grid: int) -> int: ...
+
+    def start_block(self, row, mask_id: int) -> None: ...
+
 
 class RowCache(Protocol):
     """The state of a batch of rows, each at its own length (``lengths``, host ints).
@@ -52,6 +69,7 @@ class RowCache(Protocol):
     """
 
     lengths: list[int]
+    phases: list[int]  # where each row's block grid starts (0 for dhara)
     layers: list
 
     def prepare(self, length: int, real: Sequence[int], grids: Sequence[int]) -> mx.array: ...

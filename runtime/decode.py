@@ -23,10 +23,11 @@ def make_request(
     logit_bias: Optional[Mapping[int, float]] = None,
     seed: Optional[int] = None,
     stop_ids: Iterable[int] = (),
-    block_len: int = 32,
+    block_len: Optional[int] = None,
     threshold: float = 0.5,
     k: int = 8,
     logprobs: Optional[int] = None,
+    steps: Optional[int] = None,
 ) -> tuple[Settings, Sampling]:
     """The decoding options of one request, checked: its ``Settings`` and ``Sampling``
     (with a concrete seed when sampled). The one list of options that ``decode``,
@@ -36,7 +37,7 @@ def make_request(
     ``logprobs`` at ``Settings``. Each bad value is a ``ValueError`` naming it.
     """
     stops = frozenset(int(t) for t in stop_ids)
-    settings = Settings(mode, max_tokens, stops, block_len, threshold, k, logprobs)
+    settings = Settings(mode, max_tokens, stops, block_len, threshold, k, logprobs, steps)
     bias = tuple(sorted((int(t), float(b)) for t, b in (logit_bias or {}).items()))
     sampling = Sampling(
         temperature,
@@ -60,7 +61,7 @@ def decode(
     """Decode after ``prompt_ids``, yielding tokens as soon as they are final.
 
     ``options`` are ``make_request``'s (``mode``, ``max_tokens``, sampling,
-    ``stop_ids``, ``block_len``, ``threshold``, ``k``, ``logprobs``), checked here before the
+    ``stop_ids``, ``block_len``, ``threshold``, ``k``, ``logprobs``, ``steps``), checked here before the
     first step, as is the mode against the model's modes (diffusion and spec need
     its MASK token). The last step's ``stats.finish_reason`` is "stop" (a stop id
     was generated, and is the last token) or "length" (``max_tokens`` reached).

@@ -23,12 +23,13 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from ..slot_cache import SlotCache
+from ..slot_cache import row_cache
+from . import diffusion
 from .ar import ar_step, draw, read_tokens
-from .diffusion import diffusion_step
+from .contracts import BlockDecoding, RowCache
 from .prefix_cache import PrefixCache
 from .sampling import Sampling, read_report, token_logprob
-from .settings import Settings, require_mode
+from .settings import Settings, default_block_len, require_mode
 from .spec import spec_step
 from .stats import Stats, Step
 
@@ -49,13 +50,15 @@ class Row:
     sampling: Sampling
     stats: Stats
     seq: list[int]
-    cache: Optional[SlotCache] = None
+    cache: Optional[RowCache] = None
     group: Optional["Group"] = None
     slot: int = -1
     done: bool = False
     block: list[int] = field(default_factory=list)
     start: int = 0
     final: int = 0
+    phase: int = 0  # where the row's block grid starts (``BlockDecoding.block_phase``)
+    block_steps: int = 0  # denoising steps taken on the current block
     committed: list = field(default_factory=list)  # the step that committed each block position
     block_logprobs: list = field(default_factory=list)  # TokenLogprob of each committed position
 
@@ -86,7 +89,7 @@ class Row:
 
 
 def run_rows(
-    model, cache: SlotCache, tokens: mx.array, real: Sequence[int], grids: Sequence[int]
+    model, cache: RowCache, tokens: mx.array, real: Sequence[int], grids: Sequence[int]
 ) -> mx.array:
     """Final hidden states [rows, L, hidden] of ``tokens`` [rows, L] appended at each
     row's length; ``model.head`` turns the positions a step reads into logits.
@@ -105,7 +108,7 @@ def padded(rows: Sequence[Sequence[int]], fill: int = 0) -> mx.array:
 
 
 class Group:
-    """The rows of one mode in one ``SlotCache``; a free slot holds ``None``.
+    """The rows of one mode in one ``RowCache``; a free slot holds ``None``.
 
     Free slots ride along in forwards as padding until there are more of them
     than rows, when the cache is compacted (a copy of the rows kept).
@@ -113,7 +116,7 @@ class Group:
 
     def __init__(self, model, mode: str, step):
         self.model, self.mode, self._step = model, mode, step
-        self.cache = SlotCache(model, rows=0)
+        self.cache = row_cache(model, 0)
         self.rows: list[Optional[Row]] = []
         self.pending: Optional[tuple] = None  # AR tokens (and report) drawn but not read yet
         self.counts: Optional[mx.array] = None  # AR rows' penalty contexts, pending included
@@ -132,7 +135,7 @@ class Group:
         drawn, self.pending = self.pending, None
         return read_tokens(self, drawn)
 
-    def insert(self, rows: list[Row], source: SlotCache, index: list[int]) -> list:
+    def insert(self, rows: list[Row], source: RowCache, index: list[int]) -> list:
         """Give each of ``rows`` a slot holding its state, row ``index[i]`` of ``source``.
 
         An empty group whose newcomers are all of ``source`` takes ``source`` as
@@ -166,7 +169,7 @@ class Group:
         """Drop free slots when they outnumber the rows (or free everything)."""
         active = [slot for slot, r in enumerate(self.rows) if r is not None]
         if not active:
-            self.cache, self.rows = SlotCache(self.model, rows=0), []
+            self.cache, self.rows = row_cache(self.model, 0), []
         elif len(self.rows) - len(active) > len(active):
             self.cache.keep_rows(active)
             self.rows = [self.rows[slot] for slot in active]
@@ -193,8 +196,9 @@ class Engine:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}.")
         self.model, self.max_batch, self.prefill_step = model, max_batch, prefill_step
-        self.prefix_cache = prefix_cache
-        steps = {"ar": ar_step, "spec": spec_step, "diffusion": diffusion_step}
+        self.blocks: BlockDecoding = getattr(model, "block_decoding", diffusion)
+        self.prefix_cache = prefix_cache if getattr(model, "reuses_prefixes", True) else None
+        steps = {"ar": ar_step, "spec": spec_step, "diffusion": self.blocks.step}
         self.groups = {mode: Group(model, mode, step) for mode, step in steps.items()}
         self.waiting: deque[Row] = deque()
         self.joining: deque[Row] = deque()
@@ -206,8 +210,11 @@ class Engine:
         Every request passes here, so here a mode the model lacks is refused (a
         ValueError that names the missing MASK token), before anything runs.
         """
-        require_mode(self.model.args, settings.mode)
-        sampling.check_vocab(self.model.args.vocab_size)
+        args = self.model.args
+        require_mode(args, settings.mode)
+        sampling.check_vocab(args.vocab_size)
+        if settings.block_len is None:
+            settings = replace(settings, block_len=default_block_len(args))
         row = Row(prompt, settings, sampling, Stats(settings.mode, len(prompt)), list(prompt))
         self.waiting.append(row)
         return row
@@ -289,15 +296,20 @@ class Engine:
         if self.prefix_cache is not None:
             row.cache = self.prefix_cache.take(self.model, row.prompt, row.grid)
         else:
-            row.cache = SlotCache(self.model)
+            row.cache = row_cache(self.model)
+        if row.grid is not None:
+            row.phase = self.blocks.block_phase(len(row.prompt), row.grid)
+            row.cache.phases = [row.phase]
         row.stats.reused_tokens = row.cache.lengths[0]
 
     @staticmethod
     def _todo(row: Row, held: Optional[int] = None) -> list[int]:
         """Prompt tokens still to prefill after the ``held`` ones (default: the row's
-        cache): all but the last (causal), whole blocks (diffusion)."""
+        cache): all but the last (causal), whole blocks of the row's grid (diffusion)."""
         held = row.cache.lengths[0] if held is None else held
-        end = len(row.seq) - 1 if row.grid is None else len(row.seq) // row.grid * row.grid
+        if row.grid is None:
+            return row.seq[held : len(row.seq) - 1]
+        end = (len(row.seq) + row.phase) // row.grid * row.grid - row.phase
         return row.seq[held:end]
 
     def _chunks(self) -> list[tuple[Row, list[int]]]:
@@ -307,7 +319,9 @@ class Engine:
             todo = self._todo(row)
             size = min(len(todo), max(budget, 1))
             if row.grid is not None and size:  # whole blocks: no query misses a key of its block
-                size = max(row.grid, size // row.grid * row.grid)
+                held, grid = row.cache.lengths[0], row.grid
+                first = -(held + row.phase) % grid or grid  # up to the next block boundary
+                size = first if size <= first else first + (size - first) // grid * grid
             chunks.append((row, todo[:size]))
             budget -= size
             if budget <= 0:
@@ -318,7 +332,9 @@ class Engine:
         """Feed each row its chunk in one forward; rows whose prompt is then in draw
         their first token (causal modes) in a second one and take a slot in their group."""
         rows = [row for row, _ in chunks]
-        cache = rows[0].cache if len(rows) == 1 else SlotCache.stack([r.cache for r in rows])
+        cache = (
+            rows[0].cache if len(rows) == 1 else type(rows[0].cache).stack([r.cache for r in rows])
+        )
         if any(chunk for _, chunk in chunks):
             real = [len(chunk) for _, chunk in chunks]
             grids = [row.grid or 1 for row in rows]
@@ -340,13 +356,13 @@ class Engine:
                 continue
             if row.grid is not None:
                 row.stats.prefilled()
-                row.start, row.block = len(row.seq), [self.model.args.mask_token_id] * row.grid
+                self.blocks.start_block(row, self.model.args.mask_token_id)
             joined.setdefault(row.mode, []).append(i)
         for mode, index in joined.items():
             events += self.groups[mode].insert([rows[i] for i in index], cache, index)
         return events
 
-    def _first_tokens(self, rows: list[Row], cache: SlotCache, which: list[bool]):
+    def _first_tokens(self, rows: list[Row], cache: RowCache, which: list[bool]):
         """The first generated token of the rows flagged in ``which``, from their
         prompt's last token."""
         real = [1 if w else 0 for w in which]

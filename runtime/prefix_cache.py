@@ -10,7 +10,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from ..slot_cache import SlotCache
+from ..slot_cache import SlotCache, row_cache
 
 DEFAULT_BYTES = 1 << 30
 
@@ -83,7 +83,7 @@ class PrefixCache:
                 if n > keep:
                     best, keep = entry, n
         if best is None:
-            return SlotCache(model)
+            return row_cache(model)
         self._entries.move_to_end(id(best))
         cache = best.cache.clone()
         held = cache.cut(0, keep)

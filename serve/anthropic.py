@@ -121,7 +121,8 @@ class MessagesRequest(_Lenient):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     seed: Optional[int] = Field(None, ge=-(2**63), le=2**64 - 1)
-    block_len: int = Field(32, ge=1, le=1024)
+    block_len: Optional[int] = Field(None, ge=1, le=1024)  # None: the model's
+    steps: Optional[int] = Field(None, ge=1, le=1024)  # arcLM: denoising steps per block
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     k: int = Field(8, ge=2, le=256)
 

@@ -458,6 +458,7 @@ class _API:
             block_len=body.block_len,
             threshold=body.threshold,
             k=body.k,
+            steps=body.steps,
             **extra,
         )
 

@@ -43,7 +43,8 @@ class DecodeRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     mode: Optional[Mode] = None
-    block_len: int = Field(32, ge=1, le=1024)
+    block_len: Optional[int] = Field(None, ge=1, le=1024)  # None: the model's
+    steps: Optional[int] = Field(None, ge=1, le=1024)  # arcLM: denoising steps per block
     threshold: float = Field(0.5, ge=0.0, le=1.0)
     k: int = Field(8, ge=2, le=256)
     n: int = Field(1, ge=1, le=MAX_N)
