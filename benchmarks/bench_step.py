@@ -20,6 +20,11 @@ weights, the same hidden, heads, KV heads, intermediate and vocabulary):
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python benchmarks/bench_step.py --sections step,prefill,spec,memory
     python benchmarks/bench_step.py --sections batch --layers 8 --batch 8,32
+    python benchmarks/bench_step.py --real --sections step,batch,prefill,spec
+
+``--real`` runs the same sections on SmolLM2-135M-Instruct grafted into dhara
+(the ``real`` extra) against mlx-lm's llama on its own weights: the real shape,
+with dhara's Canon sites present (zero taps) as a graft has them.
 """
 
 import copy
@@ -57,6 +62,32 @@ def build_pair(layers: int, vocab: int = 49155, **dhara_changes) -> dict:
         "dhara": dhara.Model(dhara.ModelArgs(mask_token_id=vocab - 1, **common, **dhara_changes)),
         "llama": llama.Model(llama.ModelArgs(model_type="llama", **common)),
     }
+    for model in models.values():
+        model.set_dtype(mx.float32)
+        mx.eval(model.parameters())
+    return models
+
+
+def build_real() -> dict:
+    """SmolLM2-135M-Instruct (the ``real`` extra's GGUF) grafted into dhara, float32, and
+    mlx-lm's llama on the same dequantized weights: the real shape and real weights."""
+    import tempfile
+    from pathlib import Path
+
+    from mlx_lm.utils import load_model
+
+    from optiq_dhara.convert.gguf import read_gguf
+    from optiq_dhara.convert.graft import graft
+    from optiq_dhara.convert.real import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    out = Path(tempfile.mkdtemp()) / "smollm2-dhara"
+    graft(str(gguf), out, dtype="float32")
+    grafted, _ = load_model(out)
+    source = read_gguf(gguf)
+    reference = llama.Model(llama.ModelArgs.from_dict(source.config))
+    reference.load_weights(list(source.weights.items()), strict=True)
+    models = {"dhara": grafted, "llama": reference}
     for model in models.values():
         model.set_dtype(mx.float32)
         mx.eval(model.parameters())
@@ -255,13 +286,24 @@ def main(
     rounds: int = typer.Option(16, help="spec section rounds (and prefill section repeats / 4)"),
     draft: int = typer.Option(4, help="spec section draft length k"),
     step_rounds: int = typer.Option(5, help="step section rounds (fresh caches each)"),
+    real: bool = typer.Option(
+        False,
+        help="SmolLM2-135M grafted (the real extra) against mlx-lm's llama on its weights, "
+        "instead of random weights at dhara-250m's widths (step, batch, prefill, spec)",
+    ),
 ):
     chosen = [s.strip() for s in sections.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         raise typer.BadParameter(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
-    typer.echo(f"dhara-250m widths, {layers} layers, float32, {mx.default_device()}")
-    models = build_pair(layers) if set(chosen) - {"memory", "parts"} else {}
+    if real:
+        if set(chosen) & {"memory", "parts"}:
+            raise typer.BadParameter("--real runs the step, batch, prefill and spec sections")
+        typer.echo(f"SmolLM2-135M grafted, real weights, float32, {mx.default_device()}")
+        models = build_real()
+    else:
+        typer.echo(f"dhara-250m widths, {layers} layers, float32, {mx.default_device()}")
+        models = build_pair(layers) if set(chosen) - {"memory", "parts"} else {}
     if "step" in chosen:
         section_step(models, context, steps, step_rounds)
     if "batch" in chosen:
