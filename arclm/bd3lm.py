@@ -97,7 +97,7 @@ def step(group: "Group") -> list[tuple["Row", Step]]:
         tempered_confidence=False,
     ):
         schedule = transfer_schedule(len(row.block), row.settings.steps or row.grid)
-        count = schedule[row.block_steps] if row.block_steps < len(schedule) else len(masked)
+        count = schedule[row.block_steps]  # the schedule commits the whole block, MASK never wins
         chosen = set(sorted(range(len(masked)), key=lambda j: -confidence[j])[:count])
         row.block_steps += 1
         flags = [j in chosen for j in range(len(masked))]
