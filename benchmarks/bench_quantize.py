@@ -23,6 +23,10 @@ for its 4-bit linears:
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python benchmarks/bench_quantize.py --model smollm2 --num-samples 8 --seq-len 128 \\
         --held-out benchmarks/held_out_code.txt --held-out-samples 16 --gptq
+
+``--refine dwq`` adds the mix (at the target and at dynamic_quant's bpw) and
+dynamic_quant, each after mlx-lm's DWQ (``optiq_dhara.quantize.refine``) trained on
+``--refine-samples`` sequences of the calibration text (never the ``--held-out`` text).
 """
 
 import copy
@@ -61,6 +65,7 @@ from optiq_dhara.quantize import (
 from optiq_dhara.quantize.apply import as_float32
 from optiq_dhara.quantize.budget import Budget
 from optiq_dhara.quantize.modules import Grouping, parameter_count
+from optiq_dhara.quantize.refine import DWQ_EPOCHS, DWQ_LEARNING_RATE, REFINEMENTS, dwq_refine
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests/fixtures/golden_tiny"
@@ -168,6 +173,12 @@ def main(
         "auto", help="The mix's sensitivity modes: auto, ar or ar,diffusion."
     ),
     gptq: bool = typer.Option(False, help="Also the mix with mlx-lm's GPTQ for its 4-bit linears."),
+    refine: str = typer.Option(
+        "none", help="dwq: also the mix and dynamic_quant after mlx-lm's DWQ (none: not)."
+    ),
+    refine_samples: int = typer.Option(32, help="Calibration sequences DWQ trains on."),
+    refine_epochs: int = typer.Option(DWQ_EPOCHS, help="DWQ passes over them."),
+    refine_lr: float = typer.Option(DWQ_LEARNING_RATE, help="DWQ's Adam learning rate."),
     output: Optional[Path] = typer.Option(None, help="Write the results as JSON here."),
 ) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_quantize_"))
@@ -188,6 +199,10 @@ def main(
             held_out,
             sensitivity_modes,
             gptq,
+            refine,
+            refine_samples,
+            refine_epochs,
+            refine_lr,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -212,8 +227,14 @@ def run(
     held_out: Optional[Path] = None,
     sensitivity_modes: str = "auto",
     gptq: bool = False,
+    refine: str = "none",
+    refine_samples: int = 32,
+    refine_epochs: int = DWQ_EPOCHS,
+    refine_lr: float = DWQ_LEARNING_RATE,
 ) -> dict:
     """Convert, then score the mix and the baselines; the results as a dict."""
+    if refine not in REFINEMENTS:
+        raise ValueError(f"refinement {refine!r} is not one of {', '.join(REFINEMENTS)}")
     bits = tuple(int(b) for b in candidate_bits.split(","))
     if model == "random-250m":
         src = random_250m(work / "src")
@@ -312,8 +333,7 @@ def run(
             copy.deepcopy(reference), data.calibration, 4, group_size, 8, group_size
         )
     )
-    dq = fresh()
-    threshold = estimate_threshold(dq, dq_sens, target_bpw, 4, group_size, 8, group_size)
+    threshold = estimate_threshold(fresh(), dq_sens, target_bpw, 4, group_size, 8, group_size)
 
     def high(path: str, module: nn.Module):
         """dynamic_quant's own rule: 8 bits above its threshold."""
@@ -321,8 +341,10 @@ def run(
             return False
         return {"bits": 8, "group_size": group_size} if dq_sens[path] > threshold else True
 
-    dq, _ = quantize_model(dq, config, group_size, 4, quant_predicate=high)
-    variants["mlx-lm dynamic_quant (4/8)"] = score(dq, reference, scored, params)
+    def dynamic_quant() -> nn.Module:
+        return quantize_model(fresh(), config, group_size, 4, quant_predicate=high)[0]
+
+    variants["mlx-lm dynamic_quant (4/8)"] = score(dynamic_quant(), reference, scored, params)
     variants["mlx-lm dynamic_quant (4/8)"]["seconds"] = time.perf_counter() - tick
 
     for name in ("mlx-lm mixed_4_6", "mlx-lm dynamic_quant (4/8)"):
@@ -351,6 +373,34 @@ def run(
             plan = plan_at(target, auto)
             model_q = quantize_to_plan(fresh(), plan, grouping.sizes(modules, plan))
             variants[name] = score(with_gptq(model_q, gptq_layers, plan), reference, scored, params)
+
+    if refine == "dwq":
+        # trained on the calibration text, validated on its held-out split, scored on `scored`
+        train = load_calibration(tokenizer, calibration, refine_samples, seq_len, held_out_samples)
+        results["refine"] = {"samples": refine_samples, "epochs": refine_epochs, "lr": refine_lr}
+        dq_bpw = variants["mlx-lm dynamic_quant (4/8)"]["bpw"]
+        to_refine = {
+            "mix + DWQ": lambda: mix_at(target_bpw, auto),
+            "mlx-lm dynamic_quant (4/8) + DWQ": dynamic_quant,
+        }
+        if budget.bpw(budget.low) <= dq_bpw <= budget.bpw(budget.high):
+            to_refine["mix + DWQ at mlx-lm dynamic_quant (4/8)'s bpw"] = lambda: mix_at(
+                dq_bpw, auto
+            )
+        for name, build in to_refine.items():
+            quantized = build()
+            info = dwq_refine(
+                quantized,
+                reference,
+                train.calibration,
+                data.held_out,
+                epochs=refine_epochs,
+                learning_rate=refine_lr,
+            )
+            variants[name] = {
+                **score(quantized, reference, scored, params),
+                "seconds": info["seconds"],
+            }
 
     if exact_baseline:
         tick = time.perf_counter()
@@ -403,6 +453,17 @@ def table(results: dict) -> str:
             f"| {name} | {v['bpw']:.3f} | {v['ar']['mean_kl']:.5f} "
             f"| {v['diffusion']['mean_kl']:.5f} | {v['ar']['top1']:.3f} "
             f"| {v['diffusion']['top1']:.3f} |"
+        )
+    if "refine" in results:
+        r = results["refine"]
+        timings = "; ".join(
+            f"{name} {v['seconds']:.0f} s"
+            for name, v in results["variants"].items()
+            if "DWQ" in name
+        )
+        lines.append(
+            f"\nDWQ: {r['samples']} x {results['seq_len']} calibration tokens, {r['epochs']} "
+            f"epoch(s), learning rate {r['lr']}: {timings}"
         )
     if "gptq_seconds" in results:
         lines.append(f"\nmlx-lm GPTQ of every linear at 4 bits: {results['gptq_seconds']:.0f} s")

@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from optiq_dhara.quantize.refine import DWQ_EPOCHS, DWQ_LEARNING_RATE
+
 from . import app
 
 
@@ -18,6 +20,11 @@ class Dtype(str, Enum):
 class Method(str, Enum):
     auto = "auto"
     exact = "exact"
+
+
+class Refine(str, Enum):
+    none = "none"
+    dwq = "dwq"
 
 
 class SensitivityModes(str, Enum):
@@ -92,6 +99,25 @@ def convert_command(
             "the bits saved on scales go to upgrading other modules."
         ),
     ] = True,
+    refine: Annotated[
+        Refine,
+        typer.Option(
+            help="After allocating the bits: dwq trains the scales and biases of the modules "
+            "below 8 bits so the model matches the float model on the calibration text "
+            "(mlx-lm's DWQ; same size; about 5 minutes per 100 sequences of 128 tokens for "
+            "a 135M model on a 2-core CPU); none keeps round-to-nearest."
+        ),
+    ] = Refine.none,
+    refine_samples: Annotated[
+        Optional[int],
+        typer.Option(min=1, help="Calibration sequences DWQ trains on (default: --num-samples)."),
+    ] = None,
+    refine_epochs: Annotated[
+        int, typer.Option(min=1, help="DWQ passes over its calibration sequences.")
+    ] = DWQ_EPOCHS,
+    refine_lr: Annotated[
+        float, typer.Option(min=0.0, help="DWQ's Adam learning rate.")
+    ] = DWQ_LEARNING_RATE,
     force: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
 ) -> None:
     """Convert a dhara checkpoint; with --target-bpw, a KL-sensitivity mix of candidate bits."""
@@ -113,6 +139,10 @@ def convert_command(
             sensitivity_method=sensitivity_method.value,
             sensitivity_modes=sensitivity_modes.value,
             wide_groups=wide_groups,
+            refine=refine.value,
+            refine_samples=refine_samples,
+            refine_epochs=refine_epochs,
+            refine_learning_rate=refine_lr,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
@@ -135,14 +165,23 @@ def summary(report: dict, path: Path) -> str:
         f"{', '.join(report['sensitivity']['modes'])}, "
         f"{report['sensitivity']['forwards_per_sample']:.1f} forwards per calibration sample",
     ]
+    names = [
+        n for n in ("mix", "mix_unrefined", "uniform_4", "uniform_8") if n in report["held_out"]
+    ]
+    refined = report.get("refine", {})
+    if refined.get("method", "none") != "none":
+        lines.append(
+            f"refined: {refined['method']}, {refined['steps']} steps over {refined['samples']} "
+            f"sequences, {refined['seconds']:.0f} s (mix_unrefined: before refinement)"
+        )
     if "diffusion" not in modes:
         lines.append("held-out     mean KL (AR)   top-1 (AR)")
-        for name in ("mix", "uniform_4", "uniform_8"):
+        for name in names:
             r = report["held_out"][name]["ar"]
-            lines.append(f"  {name:10} {r['mean_kl']:.5f}        {r['top1_agreement']:.3f}")
+            lines.append(f"  {name:13} {r['mean_kl']:.5f}     {r['top1_agreement']:.3f}")
         return "\n".join(lines)
     lines.append("held-out     mean KL (AR / diffusion)   top-1 (AR)   self-spec accepted/round")
-    for name in ("mix", "uniform_4", "uniform_8"):
+    for name in names:
         r = report["held_out"][name]
         lines.append(
             f"  {name:10} {r['ar']['mean_kl']:.5f} / {r['diffusion']['mean_kl']:.5f}       "

@@ -12,6 +12,10 @@ The sensitivities average the modes the weights were trained for
 (``choose_modes``: AR alone for a graft not yet trained jointly, whose
 config.json says ``"dhara_objective": "ar"``) unless ``sensitivity_modes`` says
 otherwise; the report's ``sensitivity.modes`` records them.
+With ``refine="dwq"`` the quantized scales and biases of the modules below 8 bits
+are then trained to match the float model on calibration text (mlx-lm's DWQ,
+``optiq_dhara.quantize.refine``); the bits stay as allocated, and the report
+scores the mix before refinement too (``held_out.mix_unrefined``).
 """
 
 import copy
@@ -42,6 +46,12 @@ from optiq_dhara.quantize.modules import (
     check_candidates,
     check_group_size,
     quantizable_modules,
+)
+from optiq_dhara.quantize.refine import (
+    DWQ_EPOCHS,
+    DWQ_LEARNING_RATE,
+    REFINEMENTS,
+    dwq_refine,
 )
 from optiq_dhara.quantize.sensitivity import (
     METHODS,
@@ -85,6 +95,10 @@ def convert(
     seed: int = 0,
     revision: Optional[str] = None,
     wide_groups: bool = True,
+    refine: str = "none",
+    refine_samples: Optional[int] = None,
+    refine_epochs: int = DWQ_EPOCHS,
+    refine_learning_rate: float = DWQ_LEARNING_RATE,
 ) -> dict:
     """Convert ``hf_path`` (directory or Hub id) into ``mlx_path``; returns the report.
 
@@ -95,6 +109,9 @@ def convert(
     allow (``Grouping``); without it every module takes ``group_size``.
     ``sensitivity_modes``: "auto" (the modes the weights were trained for), "ar"
     or "ar,diffusion": the modes whose KL the sensitivities average.
+    ``refine``: "none" or "dwq" (train the quantized scales and biases on
+    ``refine_samples`` calibration sequences, default ``num_samples``, for
+    ``refine_epochs`` passes at ``refine_learning_rate``).
     """
     started = time.perf_counter()
     dst = Path(mlx_path)
@@ -105,6 +122,10 @@ def convert(
         raise ValueError(
             f"sensitivity method {sensitivity_method!r} is not one of {', '.join(METHODS)}"
         )
+    if refine not in REFINEMENTS:
+        raise ValueError(f"refinement {refine!r} is not one of {', '.join(REFINEMENTS)}")
+    if refine == "none" and refine_samples is not None:
+        raise ValueError("refine_samples only applies with a refinement: add refine dwq")
     if target_bpw is None:
         quant_only = {
             "candidate_bits": candidate_bits,
@@ -114,6 +135,8 @@ def convert(
             "seq_len": seq_len,
             "sensitivities": sensitivities,
             "sensitivity_modes": None if sensitivity_modes == "auto" else sensitivity_modes,
+            "refine": None if refine == "none" else refine,
+            "refine_samples": refine_samples,
         }
         given = [name for name, value in quant_only.items() if value is not None]
         if given:
@@ -177,6 +200,28 @@ def convert(
     group_sizes = grouping.sizes(modules, plan)
     quantize_to_plan(model, plan, group_sizes)
     config["quantization"] = quantization_config(plan, group_sizes)
+    refined = None
+    if refine == "dwq":
+        tick = time.perf_counter()
+        refine_data = data
+        if refine_samples is not None:
+            refine_data = load_calibration(
+                source.tokenizer,
+                Path(calibration) if calibration is not None else None,
+                refine_samples,
+                seq_len or DEFAULT_SEQ_LEN,
+                held_out_samples,
+            )
+        refined = dwq_refine(
+            model,
+            reference,
+            refine_data.calibration,
+            data.held_out,
+            epochs=refine_epochs,
+            learning_rate=refine_learning_rate,
+            seed=seed,
+        )
+        seconds["refine"] = time.perf_counter() - tick
 
     with atomic_directory(dst, force) as tmp:
         tick = time.perf_counter()
@@ -189,6 +234,8 @@ def convert(
             "uniform_4": lambda: _uniform(reference, modules, 4, grouping, out_dtype),
             "uniform_8": lambda: _uniform(reference, modules, 8, grouping, out_dtype),
         }
+        if refined is not None:
+            variants["mix_unrefined"] = lambda: _quantized(reference, plan, group_sizes, out_dtype)
         held_out = evaluate_variants(
             reference, variants, data.held_out, block_len=block_len, seed=seed
         )
@@ -212,6 +259,7 @@ def convert(
             "sensitivity": {
                 k: v for k, v in sens.as_dict().items() if k not in ("modules", "format")
             },
+            "refine": refined or {"method": "none"},
             "calibration": {
                 "source": data.source,
                 "samples": data.calibration.shape[0],
@@ -269,13 +317,17 @@ def _verify(
     return achieved
 
 
+def _quantized(reference: nn.Module, plan: dict[str, int], group_sizes: dict[str, int], dtype):
+    """``reference`` in ``dtype`` quantized (round to nearest) to ``plan``, as float32."""
+    model = cast(copy.deepcopy(reference), dtype)
+    return as_float32(quantize_to_plan(model, plan, group_sizes))
+
+
 def _uniform(
     reference: nn.Module, modules: list[Quantizable], bits: int, grouping: Grouping, dtype
 ):
-    model = cast(copy.deepcopy(reference), dtype)
     plan = {m.path: bits for m in modules}
-    quantize_to_plan(model, plan, grouping.sizes(modules, plan))
-    return as_float32(model)
+    return _quantized(reference, plan, grouping.sizes(modules, plan), dtype)
 
 
 def _layers(
