@@ -1,5 +1,6 @@
 """The scripts in examples/ run as documented and print what they promise."""
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -27,3 +28,23 @@ def test_mixed_precision_writes_a_mix_that_stock_mlx_lm_loads(monkeypatch, capsy
     assert "modules at 4 bits" in out and "modules at 8 bits" in out
     achieved = float(out.split(" bits per weight")[0].split()[-1])
     assert achieved <= 5.8
+
+
+def test_a2d_measures_before_and_after_a_joint_lora(monkeypatch, capsys, tmp_path):
+    fixture = EXAMPLES.parent / "tests" / "fixtures" / "dhara_tiny_trained"
+    tiny = ["--model", str(fixture), "--work", str(tmp_path), "--iters", "2", "--batch-size", "2"]
+    tiny += ["--num-layers", "-1", "--prompts", "2", "--prompt-tokens", "16", "--new-tokens", "8"]
+    tiny += ["--code-modules", "4"]
+    out = run_example("a2d.py", monkeypatch, capsys, *tiny)
+    rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    labels = [row[0] for row in rows[1:]]  # after the header
+    assert [label.split(",")[0].split(" (")[0] for label in labels] == [
+        "AR perplexity",
+        "AR perplexity",
+        "diffusion tokens per forward",
+        "diffusion tokens equal to AR's",
+        "self-spec drafts accepted per round",
+    ]
+    assert all(len(row) == 3 for row in rows[1:])  # a figure before and after
+    fused = json.loads((tmp_path / "joint" / "config.json").read_text())
+    assert fused["dhara_objective"] == "joint"
