@@ -43,6 +43,12 @@ def ar_trained(golden_dir, tmp_path_factory) -> Path:
     return with_config(golden_dir, tmp_path_factory.mktemp("ar") / "src", dhara_objective="ar")
 
 
+def convert_cli(source, out, *options: str):
+    """``dhara-mlx convert`` of ``source`` into ``out`` at 7 bpw, with more ``options``."""
+    command = ["convert", "--hf-path", str(source), "--mlx-path", str(out), "--target-bpw", "7"]
+    return runner.invoke(app, [*command, *options])
+
+
 def test_trained_modes_follow_the_objective():
     tri_mode = ModelArgs(vocab_size=400, mask_token_id=316)
     assert tri_mode.dhara_objective == "joint"  # absent from config.json: the shipped models
@@ -100,25 +106,11 @@ def test_convert_weighs_the_trained_modes_and_the_flag_overrides(golden_dir, ar_
     tri_mode = convert(str(golden_dir), tmp_path / "tri", **SMALL)
     assert tri_mode["sensitivity"]["modes"] == ["ar", "diffusion"]
 
-    result = runner.invoke(
-        app,
-        [
-            "convert",
-            "--hf-path",
-            str(ar_trained),
-            "--mlx-path",
-            str(tmp_path / "both"),
-            "--target-bpw",
-            "7",
-            "--group-size",
-            "32",
-            "--num-samples",
-            "4",
-            "--seq-len",
-            "32",
-            "--sensitivity-modes",
-            "ar,diffusion",
-        ],
+    result = convert_cli(
+        ar_trained,
+        tmp_path / "both",
+        *("--group-size", "32", "--num-samples", "4", "--seq-len", "32"),
+        *("--sensitivity-modes", "ar,diffusion"),
     )
     assert result.exit_code == 0, result.output
     assert "in modes ar, diffusion" in result.output
@@ -148,20 +140,7 @@ def test_convert_weighs_the_trained_modes_and_the_flag_overrides(golden_dir, ar_
 
 
 def test_cli_refuses_an_unknown_choice(ar_trained, tmp_path):
-    result = runner.invoke(
-        app,
-        [
-            "convert",
-            "--hf-path",
-            str(ar_trained),
-            "--mlx-path",
-            str(tmp_path / "out"),
-            "--target-bpw",
-            "7",
-            "--sensitivity-modes",
-            "diffusion",
-        ],
-    )
+    result = convert_cli(ar_trained, tmp_path / "out", "--sensitivity-modes", "diffusion")
     assert result.exit_code == 2 and "--sensitivity-modes" in result.output
 
 
