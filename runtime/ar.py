@@ -59,17 +59,6 @@ def draw(
     return tokens, logprob_report(adjusted, tokens, tops)
 
 
-def next_tokens(
-    model,
-    logits: mx.array,
-    rows: Sequence[Optional["Row"]],
-    positions: Sequence[int],
-    counts: Optional[mx.array] = None,
-) -> mx.array:
-    """``draw``'s tokens alone."""
-    return draw(model, logits, rows, positions, counts)[0]
-
-
 def ar_step(group: "Group") -> list[tuple["Row", Step]]:
     """One forward for every AR row; returns the tokens of the previous step."""
     from .engine import run_rows

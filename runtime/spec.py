@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import mlx.core as mx
 
-from .ar import next_tokens, row_counts
+from .ar import draw, row_counts
 from .sampling import (
     TokenLogprob,
     adjust_logits,
@@ -77,14 +77,14 @@ def spec_step(group: "Group") -> list[tuple["Row", Step]]:
         counts = None
         if any(r and r.sampling.penalized for r in slots):
             counts = mx.repeat(row_counts(slots, model.args.vocab_size), width - 1, axis=0)
-        drafts = next_tokens(model, flat, _repeat(slots, width - 1), positions, counts)
+        drafts, _ = draw(model, flat, _repeat(slots, width - 1), positions, counts)
         drafts = drafts.reshape(len(slots), width - 1).astype(mx.int32)
     window = mx.concatenate([anchors.astype(mx.int32), drafts], axis=1)
     logits = model.head(run_rows(model, cache, window, widths, [1] * len(slots)))
     positions = [len(r.seq) + j if r else 0 for r in slots for j in range(width)]
     plain = [r if r and not r.sampling.penalized else None for r in slots]
     flat = logits.reshape(-1, logits.shape[-1])
-    predicted = next_tokens(model, flat, _repeat(plain, width), positions)
+    predicted, _ = draw(model, flat, _repeat(plain, width), positions)
     drafted, predicted = drafts.tolist(), predicted.reshape(len(slots), width).tolist()
     events, lengths = [], list(before)
     for b, row in enumerate(slots):
