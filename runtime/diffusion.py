@@ -153,8 +153,10 @@ def predict_masked(
     samplings = [r.sampling for r in rows]
     adjusted = adjust_rows(logits, counts, samplings, mask_id)
     positions = [noise_position(slots[b], i) for b, masked in where for i in masked]
-    tokens, confidence = choose_rows(adjusted, samplings, positions, True)
-    if not tempered_confidence:
+    if tempered_confidence:
+        tokens, confidence = choose_rows(adjusted, samplings, positions, True)
+    else:
+        tokens = choose_rows(adjusted, samplings, positions)
         probs = mx.softmax(adjusted, axis=-1, precise=True)
         confidence = mx.take_along_axis(probs, tokens[:, None], axis=-1)[:, 0]
     report = read_report(logprob_report(adjusted, tokens, [r.settings.logprobs for r in rows]))
