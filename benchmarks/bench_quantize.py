@@ -62,10 +62,11 @@ from optiq_dhara.quantize import (
     quantizable_modules,
     quantize_to_plan,
 )
-from optiq_dhara.quantize.apply import as_float32
+from optiq_dhara.quantize.apply import as_float32, module_bits, module_group_sizes
 from optiq_dhara.quantize.budget import Budget
 from optiq_dhara.quantize.modules import Grouping, parameter_count
 from optiq_dhara.quantize.refine import DWQ_EPOCHS, DWQ_LEARNING_RATE, REFINEMENTS, dwq_refine
+from optiq_dhara.quantize.rounding import DEFAULT_ROUNDING
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests/fixtures/golden_tiny"
@@ -163,6 +164,11 @@ def main(
     held_out_samples: int = typer.Option(4),
     exact_baseline: bool = typer.Option(True, help="Also measure every module exactly."),
     wide_groups: bool = typer.Option(True, help="The mix stores 8-bit modules in wide groups."),
+    rounding: str = typer.Option(
+        DEFAULT_ROUNDING,
+        help="The mix's rounding (best or mlx); the mlx-lm recipes keep mx.quantize's, "
+        "and are also scored with this rounding of their own bits.",
+    ),
     calibration: Optional[Path] = typer.Option(
         None, help="Calibration and held-out text (default: the shipped corpus)."
     ),
@@ -197,6 +203,7 @@ def main(
             wide_groups,
             calibration,
             held_out,
+            rounding,
             sensitivity_modes,
             gptq,
             refine,
@@ -225,6 +232,7 @@ def run(
     wide_groups: bool,
     calibration: Optional[Path] = None,
     held_out: Optional[Path] = None,
+    rounding: str = DEFAULT_ROUNDING,
     sensitivity_modes: str = "auto",
     gptq: bool = False,
     refine: str = "none",
@@ -250,6 +258,7 @@ def run(
         "target_bpw": target_bpw,
         "group_size": group_size,
         "wide_groups": wide_groups,
+        "rounding": rounding,
         "calibration": str(calibration or "shipped corpus"),
         "held_out": str(held_out or "the calibration text's held-out split"),
         "held_out_samples": held_out_samples,
@@ -272,6 +281,7 @@ def run(
         seq_len=seq_len,
         held_out_samples=held_out_samples,
         wide_groups=wide_groups,
+        rounding=rounding,
         calibration=calibration,
         sensitivity_modes=sensitivity_modes,
     )
@@ -298,7 +308,7 @@ def run(
         return cast(copy.deepcopy(reference), out_dtype)
 
     modules = quantizable_modules(float_model)
-    grouping = Grouping.choose(group_size, wide_groups)
+    grouping = Grouping.choose(group_size, wide_groups, rounding)
     budget = Budget.of(float_model, modules, bits, grouping)
     sens_file = work / "mix" / "sensitivities.json"
     auto = load_sensitivities(sens_file, modules, bits, grouping)
@@ -307,15 +317,24 @@ def run(
         points = module_points(modules, sens.kl(), bits, grouping, budget.scale_bits)
         return allocate(points, budget.for_modules(target)).bits
 
-    def mix_at(target: float, sens) -> nn.Module:
+    def mix_at(target: float, sens, rounding: str = grouping.rounding) -> nn.Module:
         plan = plan_at(target, sens)
-        return quantize_to_plan(fresh(), plan, grouping.sizes(modules, plan))
+        return quantize_to_plan(fresh(), plan, grouping.sizes(modules, plan), rounding)
+
+    def rounded(recipe: nn.Module) -> nn.Module:
+        """An mlx-lm recipe's bits and group sizes, each group rounded by ``rounding``."""
+        plan, sizes = module_bits(recipe), module_group_sizes(recipe)
+        return quantize_to_plan(fresh(), plan, sizes, grouping.rounding)
 
     variants: dict[str, dict] = {}
     variants["mix"] = score(mix_at(target_bpw, auto), reference, scored, params)
+    if rounding != "mlx":
+        variants["mix, mx.quantize rounding"] = score(
+            mix_at(target_bpw, auto, "mlx"), reference, scored, params
+        )
     uniform_4 = {m.path: 4 for m in modules}
     variants["uniform 4-bit"] = score(
-        quantize_to_plan(fresh(), uniform_4, grouping.sizes(modules, uniform_4)),
+        quantize_to_plan(fresh(), uniform_4, grouping.sizes(modules, uniform_4), "mlx"),
         reference,
         scored,
         params,
@@ -325,6 +344,10 @@ def run(
     config = json.loads((src / "config.json").read_text())
     predicate = mixed_quant_predicate_builder("mixed_4_6", recipe, group_size)
     recipe, _ = quantize_model(recipe, config, group_size, 4, quant_predicate=predicate)
+    if rounding != "mlx":
+        variants[f"mlx-lm mixed_4_6, {rounding} rounding"] = score(
+            rounded(recipe), reference, scored, params
+        )
     variants["mlx-lm mixed_4_6"] = score(recipe, reference, scored, params)
 
     tick = time.perf_counter()
@@ -344,6 +367,10 @@ def run(
     def dynamic_quant() -> nn.Module:
         return quantize_model(fresh(), config, group_size, 4, quant_predicate=high)[0]
 
+    if rounding != "mlx":
+        variants[f"mlx-lm dynamic_quant (4/8), {rounding} rounding"] = score(
+            rounded(dynamic_quant()), reference, scored, params
+        )
     variants["mlx-lm dynamic_quant (4/8)"] = score(dynamic_quant(), reference, scored, params)
     variants["mlx-lm dynamic_quant (4/8)"]["seconds"] = time.perf_counter() - tick
 
@@ -371,7 +398,9 @@ def run(
             targets["mix + GPTQ at mlx-lm dynamic_quant (4/8)'s bpw"] = their
         for name, target in targets.items():
             plan = plan_at(target, auto)
-            model_q = quantize_to_plan(fresh(), plan, grouping.sizes(modules, plan))
+            model_q = quantize_to_plan(
+                fresh(), plan, grouping.sizes(modules, plan), grouping.rounding
+            )
             variants[name] = score(with_gptq(model_q, gptq_layers, plan), reference, scored, params)
 
     if refine == "dwq":

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from optiq_dhara.quantize.refine import DWQ_EPOCHS, DWQ_LEARNING_RATE
+from optiq_dhara.quantize.rounding import DEFAULT_ROUNDING, ROUNDINGS
 
 from . import app
 
@@ -25,6 +26,9 @@ class Method(str, Enum):
 class Refine(str, Enum):
     none = "none"
     dwq = "dwq"
+
+
+Rounding = Enum("Rounding", {name: name for name in ROUNDINGS}, type=str)
 
 
 class SensitivityModes(str, Enum):
@@ -99,13 +103,22 @@ def convert_command(
             "the bits saved on scales go to upgrading other modules."
         ),
     ] = True,
+    rounding: Annotated[
+        Rounding,
+        typer.Option(
+            help="How each group's scale and bias are chosen. best: per group, whichever of "
+            "MLX's grid and the min-max grid stores the weights with less squared error "
+            "(same format and size; reproduces a Q4_1 GGUF's grid at group size 32); "
+            "mlx: mx.quantize as it is."
+        ),
+    ] = Rounding(DEFAULT_ROUNDING),
     refine: Annotated[
         Refine,
         typer.Option(
             help="After allocating the bits: dwq trains the scales and biases of the modules "
             "below 8 bits so the model matches the float model on the calibration text "
             "(mlx-lm's DWQ; same size; about 5 minutes per 100 sequences of 128 tokens for "
-            "a 135M model on a 2-core CPU); none keeps round-to-nearest."
+            "a 135M model on a 2-core CPU); none keeps the rounded scales."
         ),
     ] = Refine.none,
     refine_samples: Annotated[
@@ -139,6 +152,7 @@ def convert_command(
             sensitivity_method=sensitivity_method.value,
             sensitivity_modes=sensitivity_modes.value,
             wide_groups=wide_groups,
+            rounding=rounding.value,
             refine=refine.value,
             refine_samples=refine_samples,
             refine_epochs=refine_epochs,

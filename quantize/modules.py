@@ -12,6 +12,8 @@ from typing import Iterable, Optional
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .rounding import DEFAULT_ROUNDING, check_rounding
+
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
 WIDE_GROUP_BITS = 8  # from these bits up, a module may take a wider group (``Grouping``)
@@ -49,15 +51,20 @@ class Grouping:
     frees the bits of most of its scales and biases (0.75 bits per weight at
     group size 32 with bfloat16 scales) for upgrading other modules.
     ``wide_bits=None`` keeps ``size`` everywhere, as mlx-lm's recipes do.
+    ``rounding`` picks each group's scale and bias (``rounding.ROUNDINGS``).
     """
 
     size: int
     wide_bits: Optional[int] = WIDE_GROUP_BITS
+    rounding: str = DEFAULT_ROUNDING
+
+    def __post_init__(self):
+        check_rounding(self.rounding)
 
     @classmethod
-    def choose(cls, size: int, wide: bool) -> "Grouping":
+    def choose(cls, size: int, wide: bool, rounding: str = DEFAULT_ROUNDING) -> "Grouping":
         """Wide groups from ``WIDE_GROUP_BITS`` up, or ``size`` everywhere."""
-        return cls(size, WIDE_GROUP_BITS if wide else None)
+        return cls(size, WIDE_GROUP_BITS if wide else None, rounding)
 
     def of(self, module: Quantizable, bits: int) -> int:
         if self.wide_bits is None or bits < self.wide_bits:
@@ -69,7 +76,11 @@ class Grouping:
         return {m.path: self.of(m, plan[m.path]) for m in modules if m.path in plan}
 
     def as_dict(self) -> dict:
-        return {"group_size": self.size, "wide_group_bits": self.wide_bits}
+        return {
+            "group_size": self.size,
+            "wide_group_bits": self.wide_bits,
+            "rounding": self.rounding,
+        }
 
 
 def _layer_index(path: str) -> Optional[int]:

@@ -1,7 +1,7 @@
 """Refine a quantized model after allocation with mlx-lm's DWQ (distilled weight quantization).
 
-The allocation decides each module's bits; round-to-nearest then fixes each
-group's affine grid (scale and bias). DWQ trains those scales and biases, of every
+The allocation decides each module's bits; the rounding (``quantize.rounding``) then
+fixes each group's affine grid (scale and bias). DWQ trains those scales and biases, of every
 module below 8 bits, so the quantized model's next-token distributions match the
 float model's on the calibration text (KL at temperature 2, mlx-lm's
 ``dwq_quantize``). Bits, group sizes and packed weights stay as allocated, so the

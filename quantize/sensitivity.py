@@ -49,6 +49,7 @@ from optiq_dhara.metrics import (
 
 from .allocate import allocate, hull_steps, module_points
 from .modules import Grouping, Quantizable
+from .rounding import fake_quantize
 from .staged import ForwardCount, forward_from, forward_with_states, head
 
 Method = Literal["auto", "exact"]
@@ -75,13 +76,6 @@ def choose_modes(args, choice: str = "auto") -> tuple[str, ...]:
     if "diffusion" in modes:
         args.require_mask(f"sensitivity modes {choice!r}")
     return modes
-
-
-def fake_quantize(weight: mx.array, bits: int, group_size: int, dtype: mx.Dtype) -> mx.array:
-    """``weight`` as stored at ``bits`` (in ``dtype``), back in the weight's dtype."""
-    stored = weight.astype(dtype)
-    q, scales, biases = mx.quantize(stored, group_size=group_size, bits=bits)
-    return mx.dequantize(q, scales, biases, group_size=group_size, bits=bits).astype(weight.dtype)
 
 
 @dataclass
@@ -184,6 +178,12 @@ def _from_dict(
         raise ValueError(
             f"sensitivities file {path} was measured at group size {data['group_size']}, "
             f"not {grouping.size}: pass --group-size {data['group_size']} or measure again"
+        )
+    measured_rounding = data.get("rounding", "mlx")  # files before roundings: mx.quantize
+    if measured_rounding != grouping.rounding:
+        raise ValueError(
+            f"sensitivities file {path} was measured with rounding {measured_rounding}, not "
+            f"{grouping.rounding}: pass --rounding {measured_rounding} or measure again"
         )
     if data["wide_group_bits"] != grouping.wide_bits:
         raise ValueError(
@@ -352,7 +352,9 @@ class Calibrator:
         """Mean KL per mode with ``module`` alone quantized to ``bits``."""
         target = self.modules[module.path]
         weight = target.weight
-        target.weight = fake_quantize(weight, bits, self.grouping.of(module, bits), self.dtype)
+        target.weight = fake_quantize(
+            weight, bits, self.grouping.of(module, bits), self.dtype, self.grouping.rounding
+        )
         try:
             return {mode: self._kl_from(module, mode) for mode in self.modes}
         finally:
@@ -383,7 +385,9 @@ class Calibrator:
 
     def estimated_kl(self, fisher: dict, module: Quantizable, bits: int) -> dict[str, float]:
         weight = self.modules[module.path].weight
-        stored = fake_quantize(weight, bits, self.grouping.of(module, bits), self.dtype)
+        stored = fake_quantize(
+            weight, bits, self.grouping.of(module, bits), self.dtype, self.grouping.rounding
+        )
         error = (stored - weight).square()
         return {mode: 0.5 * (fisher[mode][module.path] * error).sum().item() for mode in self.modes}
 
@@ -505,7 +509,7 @@ def refine(
     width = len(refinement.measured_bits)
     spent = 0.0
     bar = tqdm(
-        total=allowance,
+        total=max(allowance, 0.0),  # the estimate may already have spent it all
         desc="Measuring near the cut",
         bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} forwards per sample [{elapsed}<{remaining}]",
         leave=False,

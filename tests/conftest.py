@@ -40,6 +40,16 @@ def golden_model():
     return model
 
 
+def convert_cli(source, out, *options: str):
+    """``dhara-mlx convert`` of ``source`` into ``out`` at 7 bpw, with more ``options``."""
+    from typer.testing import CliRunner
+
+    from optiq_dhara.cli import app
+
+    command = ["convert", "--hf-path", str(source), "--mlx-path", str(out), "--target-bpw", "7"]
+    return CliRunner().invoke(app, [*command, *options])
+
+
 def write_tokenizer_without_mask(golden_dir: Path, path: Path, vocab: int = 316) -> None:
     """The golden tokenizer without its <|mask|> (ids below ``vocab``), chat template kept."""
     tokenizer = json.loads((golden_dir / "tokenizer.json").read_text())

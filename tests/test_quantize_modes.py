@@ -12,9 +12,8 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from typer.testing import CliRunner
+from conftest import convert_cli
 
-from optiq_dhara.cli import app
 from optiq_dhara.convert import convert
 from optiq_dhara.model import ModelArgs
 from optiq_dhara.quantize import measure_sensitivities, quantizable_modules
@@ -26,7 +25,6 @@ from optiq_dhara.train.lora import LoraConfig, fuse, run_lora
 SMALL = dict(
     target_bpw=7.0, group_size=32, dtype="bfloat16", num_samples=4, seq_len=32, block_len=16
 )
-runner = CliRunner()
 
 
 def with_config(golden_dir: Path, path: Path, **changes) -> Path:
@@ -41,12 +39,6 @@ def with_config(golden_dir: Path, path: Path, **changes) -> Path:
 def ar_trained(golden_dir, tmp_path_factory) -> Path:
     """The golden model recorded as trained for next-token only (as graft writes it)."""
     return with_config(golden_dir, tmp_path_factory.mktemp("ar") / "src", dhara_objective="ar")
-
-
-def convert_cli(source, out, *options: str):
-    """``dhara-mlx convert`` of ``source`` into ``out`` at 7 bpw, with more ``options``."""
-    command = ["convert", "--hf-path", str(source), "--mlx-path", str(out), "--target-bpw", "7"]
-    return runner.invoke(app, [*command, *options])
 
 
 def test_trained_modes_follow_the_objective():
