@@ -34,6 +34,7 @@ import time
 import mlx.core as mx
 import typer
 from bench_batch import timed_batch_generator  # this folder is on the path
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
@@ -41,6 +42,18 @@ from optiq_dhara import model as dhara
 from optiq_dhara.runtime import decode
 
 SECTIONS = ("step", "batch", "memory", "prefill", "spec", "parts")
+
+
+def as_float32(model) -> None:
+    """Cast to float32 as mlx-lm's convert casts: only what the model's ``cast_predicate``
+    allows (dhara keeps its RoPE buffers as they are)."""
+    keep = getattr(model, "cast_predicate", lambda _: True)
+    model.update(
+        tree_unflatten(
+            [(k, v.astype(mx.float32)) for k, v in tree_flatten(model.parameters()) if keep(k)]
+        )
+    )
+    mx.eval(model.parameters())
 
 
 def build_pair(layers: int, vocab: int = 49155, **dhara_changes) -> dict:
@@ -63,8 +76,7 @@ def build_pair(layers: int, vocab: int = 49155, **dhara_changes) -> dict:
         "llama": llama.Model(llama.ModelArgs(model_type="llama", **common)),
     }
     for model in models.values():
-        model.set_dtype(mx.float32)
-        mx.eval(model.parameters())
+        as_float32(model)
     return models
 
 
@@ -89,8 +101,7 @@ def build_real() -> dict:
     reference.load_weights(list(source.weights.items()), strict=True)
     models = {"dhara": grafted, "llama": reference}
     for model in models.values():
-        model.set_dtype(mx.float32)
-        mx.eval(model.parameters())
+        as_float32(model)
     return models
 
 

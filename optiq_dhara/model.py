@@ -137,8 +137,9 @@ def canon_conv(
     sequence (n rows each, n summing to K-1): an array [B, n, width], in which
     this site's channels start at ``site[1]``, or a tuple of each site's [B, n, C]
     (as a cache kept a forward's inputs), this site's being number ``site[0]``.
-    ``conv`` is the site's ``nn.Conv1d`` (None: the site is off; its weight in
-    MLX's layout (C, K, 1), tap j multiplying input t - K + 1 + j); ``valid``
+    ``conv`` is the site's ``site_conv``: (one [C] array per tap, tap j
+    multiplying input t - K + 1 + j; the bias or None), or None when the site is
+    off; ``valid``
     [B, K-1+L, 1] says which inputs are tokens (None: all); ``flags`` are
     (residual, activation). Written as multiply-adds over the taps, in
     ``mx.conv1d``'s order (so the sums are the same), because the CPU backend's
@@ -158,45 +159,41 @@ def canon_conv(
     if valid is not None:  # left padding of a batch reads as zeros
         rows[:-1] = [mx.where(valid[:, i : i + 1], r, 0) for i, r in enumerate(rows[:-1])]
         rows[-1] = mx.where(valid[:, len(rows) - 1 :], x, 0)
-    weight = conv["weight"]  # (C, K, 1)
-    kernel, length = weight.shape[1], x.shape[1]
+    taps, bias = conv
+    kernel, length = len(taps), x.shape[1]
     if length > 1:
         inputs = mx.concatenate(rows, axis=1)
         rows = [inputs[:, j : j + length] for j in range(kernel)]
-    y = rows[0] * weight[:, 0, 0]
+    y = rows[0] * taps[0]
     for j in range(1, kernel):
-        y = y + rows[j] * weight[:, j, 0]
-    if "bias" in conv:
-        y = y + conv["bias"]
+        y = y + rows[j] * taps[j]
+    if bias is not None:
+        y = y + bias
     if activation:
         y = nn.silu(y)
     return x + y if residual else y
 
 
-@mx.compile
-def norm_then_canon(x, norm, eps: float, history, site, conv, valid, flags):
+def _norm_then_canon(x, norm, eps: float, history, site, conv, valid, flags):
     """RMSNorm, then a canon site: (the normed x, the site's input; the site's output)."""
     normed = mx.fast.rms_norm(x, norm, eps)
     return normed, canon_conv(normed, history, site, conv, valid, flags)
 
 
-@mx.compile
-def add_norm_then_canon(x, update, norm, eps: float, history, site, conv, valid, flags):
+def _add_norm_then_canon(x, update, norm, eps: float, history, site, conv, valid, flags):
     """The residual sum ``x + update``, then ``norm_then_canon`` of it."""
     h = x + update
     normed = mx.fast.rms_norm(h, norm, eps)
     return h, normed, canon_conv(normed, history, site, conv, valid, flags)
 
 
-@mx.compile
-def gate_then_canon(gate, up, history, site, conv, valid, flags):
+def _gate_then_canon(gate, up, history, site, conv, valid, flags):
     """SwiGLU, then canon site D: (the site's input, its output)."""
     u = nn.silu(gate) * up
     return u, canon_conv(u, history, site, conv, valid, flags)
 
 
-@mx.compile
-def canon_b_heads(qkv, history, sites, convs, valid, flags, heads, rope, norms, eps: float):
+def _canon_b_heads(qkv, history, sites, convs, valid, flags, heads, rope, norms, eps: float):
     """Canon site B over q, k and v, then each as [B, heads, L, head_dim]; RoPE on q
     and k (``rope``: the layer's cos and sin tables), QK-norm after it (``norms``:
     the q and k weights, or None)."""
@@ -213,6 +210,85 @@ def canon_b_heads(qkv, history, sites, convs, valid, flags, heads, rope, norms, 
     return tuple(out)
 
 
+norm_then_canon = mx.compile(_norm_then_canon)
+add_norm_then_canon = mx.compile(_add_norm_then_canon)
+gate_then_canon = mx.compile(_gate_then_canon)
+canon_b_heads = mx.compile(_canon_b_heads)
+
+
+def linear_args(module: nn.Module) -> Optional[tuple]:
+    """A plain or quantized ``nn.Linear`` as ``project``'s arguments (its arrays and
+    its quantization settings); None for any other module (a LoRA layer, say)."""
+    kind = type(module)
+    if kind is nn.Linear:
+        return (module["weight"], module.get("bias"))
+    if kind is nn.QuantizedLinear:
+        return (
+            module["weight"],
+            module["scales"],
+            module.get("biases"),
+            module.get("bias"),
+            module.group_size,
+            module.bits,
+            module.mode,
+        )
+    return None
+
+
+def project(x: mx.array, args: tuple) -> mx.array:
+    """What the ``nn.Linear`` or ``nn.QuantizedLinear`` of ``linear_args`` computes,
+    op for op, callable inside a compiled function (which sees modules as dicts)."""
+    if len(args) == 2:
+        weight, bias = args
+        return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+    weight, scales, biases, bias, group_size, bits, mode = args
+    x = mx.quantized_matmul(
+        x,
+        weight,
+        scales=scales,
+        biases=biases,
+        transpose=True,
+        group_size=group_size,
+        bits=bits,
+        mode=mode,
+    )
+    return x if bias is None else x + bias
+
+
+@mx.compile
+def pre_attention(x, norm, eps: float, history, sites, convs, valid, flags, projections, *heads):
+    """Site A, the q, k and v projections, site B and the heads in one compiled call
+    (``projections``: the three ``linear_args``; ``heads``: ``canon_b_heads``'
+    heads, rope, norms): (A's input, (q, k, v), (queries, keys, values))."""
+    a_in, a = _norm_then_canon(x, norm, eps, history, sites[0], convs[0], valid, flags)
+    qkv = tuple(project(a, p) for p in projections)
+    return a_in, qkv, _canon_b_heads(qkv, history, sites[1:], convs[1:], valid, flags, *heads, eps)
+
+
+@mx.compile
+def post_attention(x, o, projections, norm, eps: float, history, sites, convs, valid, flags):
+    """From the attention's heads ``o`` [B, heads, L, head_dim] to the layer's output in
+    one compiled call: o_proj, the residual, site C, the SwiGLU MLP with site D, the
+    residual (``projections``: o, gate, up and down as ``linear_args``). Returns
+    (the output, C's input, D's input)."""
+    B, _, L, _ = o.shape
+    update = project(o.transpose(0, 2, 1, 3).reshape(B, L, -1), projections[0])
+    h, c_in, c = _add_norm_then_canon(
+        x, update, norm, eps, history, sites[0], convs[0], valid, flags
+    )
+    gate, up = project(c, projections[1]), project(c, projections[2])
+    d_in, d = _gate_then_canon(gate, up, history, sites[1], convs[1], valid, flags)
+    return h + project(d, projections[3]), c_in, d_in
+
+
+def keep_plain(module: nn.Module, **values) -> None:
+    """Set attributes outside ``module``'s tree: ``nn.Module`` files tuples and dicts
+    as its items, read back through its ``__getattr__``, which costs host time on
+    every access of a decode step."""
+    for name, value in values.items():
+        object.__setattr__(module, name, value)
+
+
 class Canon(nn.Module):
     """Parameters of one canon site: a depthwise ``conv`` (the checkpoint's name)."""
 
@@ -223,15 +299,27 @@ class Canon(nn.Module):
         )
 
 
-def site_conv(module: nn.Module, name: str) -> Optional[nn.Module]:
-    """The conv of ``module``'s canon site ``name``, or None if the site is off.
+def site_conv(module: nn.Module, name: str) -> Optional[tuple[tuple[mx.array, ...], Any]]:
+    """The taps of ``module``'s canon site ``name`` for ``canon_conv``: (one contiguous
+    [C] array per tap, the bias or None), or None if the site is off.
 
+    The taps are cut from the conv's (C, K, 1) weight once and kept while the
+    weight is the same array, so a decode step's graph holds no slicing of it.
     Decoding code reads modules as dict items (``module["x"]``): ``nn.Module``'s
     attribute lookup costs about as much host time as a small op, and a decode
     step's speed on Apple GPUs is its host time.
     """
     canon = module.get(name)
-    return None if canon is None else canon["conv"]
+    if canon is None:
+        return None
+    conv = canon["conv"]
+    weight, bias = conv["weight"], conv.get("bias")
+    held = canon.__dict__.get("_taps")
+    if held is None or held[0] is not weight or held[1] is not bias:
+        taps = tuple(mx.contiguous(weight[:, j, 0]) for j in range(weight.shape[1]))
+        held = (weight, bias, (taps, bias))
+        object.__setattr__(canon, "_taps", held)
+    return held[2]
 
 
 class RotaryEmbedding(nn.Module):
@@ -306,8 +394,11 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
             self.k_norm = nn.RMSNorm(head_dim, eps=args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args)
-        self._heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
-        self._flags = (args.canon_residual, args.canon_activation)
+        keep_plain(
+            self,
+            _heads=(self.n_heads, self.n_kv_heads, self.n_kv_heads),
+            _flags=(args.canon_residual, args.canon_activation),
+        )
 
     def __call__(
         self, x, mask, cache: Optional[DharaCache], history, sites: tuple, valid, rope
@@ -316,26 +407,33 @@ class Attention(nn.Module):
         q, k and v are in the history (``canon_conv``)."""
         B, L, _ = x.shape
         qkv = (self["q_proj"](x), self["k_proj"](x), self["v_proj"](x))
-        convs = (
+        queries, keys, values = canon_b_heads(
+            qkv, history, sites, self.site_convs(), valid, self._flags, *self.head_args(rope)
+        )
+        o = self.attend(queries, keys, values, mask, cache)
+        return self["o_proj"](o.transpose(0, 2, 1, 3).reshape(B, L, -1)), qkv
+
+    def site_convs(self) -> tuple:
+        """Site B's ``site_conv`` for q, k and v."""
+        return (
             site_conv(self, "canon_b_q"),
             site_conv(self, "canon_b_k"),
             site_conv(self, "canon_b_v"),
         )
+
+    def head_args(self, rope) -> tuple:
+        """``canon_b_heads``' heads, rope, QK-norm weights (or None) and eps."""
         norms = (self["q_norm"]["weight"], self["k_norm"]["weight"]) if "q_norm" in self else None
-        queries, keys, values = canon_b_heads(
-            qkv, history, sites, convs, valid, self._flags, self._heads, rope, norms, self.eps
-        )
+        return self._heads, rope, norms, self.eps
+
+    def attend(self, queries, keys, values, mask, cache: Optional[DharaCache]) -> mx.array:
+        """The heads [B, heads, L, head_dim] of the attention over the cache and these keys."""
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        o = scaled_dot_product_attention(
-            queries,
-            keys,
-            values,
-            cache=cache.kv if cache is not None else None,
-            scale=self.scale,
-            mask=mask,
+        kv = cache.kv if cache is not None else None
+        return scaled_dot_product_attention(
+            queries, keys, values, cache=kv, scale=self.scale, mask=mask
         )
-        return self["o_proj"](o.transpose(0, 2, 1, 3).reshape(B, L, -1)), qkv
 
 
 class MLP(nn.Module):
@@ -346,7 +444,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
         self.canon_d = Canon(hidden, args) if "D" in args.canon_set else None
-        self._flags = (args.canon_residual, args.canon_activation)
+        keep_plain(self, _flags=(args.canon_residual, args.canon_activation))
 
     def __call__(self, x: mx.array, history, site: tuple, valid) -> tuple[mx.array, mx.array]:
         """The MLP output, and canon site D's input."""
@@ -387,15 +485,22 @@ class DecoderLayer(nn.Module):
         parts.update(c=widths.get("c", 0), d=widths.get("d", 0))
         if "b" not in widths:
             parts.update(q=0, k=0, v=0)
-        self._sites, index, start = {}, 0, 0
+        sites, index, start = {}, 0, 0
         for name, width in parts.items():  # (number, first channel) of each site stored
-            self._sites[name] = (index, start)
+            sites[name] = (index, start)
             index, start = index + (width > 0), start + width
-        self._qkv_sites = (self._sites["q"], self._sites["k"], self._sites["v"])
-        self._stored = tuple(site in widths for site in "abcd")
-        self._all_sites = all(self._stored)
+        stored = tuple(site in widths for site in "abcd")
+        keep_plain(
+            self,
+            _sites=sites,
+            _qkv_sites=(sites["q"], sites["k"], sites["v"]),
+            _pre_sites=(sites["a"], sites["q"], sites["k"], sites["v"]),
+            _post_sites=(sites["c"], sites["d"]),
+            _stored=stored,
+            _flags=(args.canon_residual, args.canon_activation),
+        )
+        self._all_sites = all(stored)
         self._history_len = args.canon_kernel - 1
-        self._flags = (args.canon_residual, args.canon_activation)
         self.eps = args.rms_norm_eps
 
     def __call__(
@@ -405,6 +510,66 @@ class DecoderLayer(nn.Module):
         if zeros is None:
             zeros = mx.zeros((x.shape[0], self._history_len, self._width), x.dtype)
         history = (zeros,) if cache is None else cache.canon_history(zeros)
+        attention, mlp = self["self_attn"], self["mlp"]
+        projections = (
+            linear_args(attention["q_proj"]),
+            linear_args(attention["k_proj"]),
+            linear_args(attention["v_proj"]),
+            linear_args(attention["o_proj"]),
+            linear_args(mlp["gate_proj"]),
+            linear_args(mlp["up_proj"]),
+            linear_args(mlp["down_proj"]),
+        )
+        if None in projections:  # a module other than (Quantized)Linear: call the modules
+            out, a_in, qkv, c_in, d_in = self._modules_path(x, mask, cache, history, valid, rope)
+        else:
+            out, a_in, qkv, c_in, d_in = self._fused_path(
+                x, mask, cache, history, valid, rope, projections
+            )
+        if cache is not None:
+            if self._all_sites:
+                inputs = (a_in, *qkv, c_in, d_in)
+            else:
+                a_on, b_on, c_on, d_on = self._stored
+                inputs = (a_in,) * a_on + qkv * b_on + (c_in,) * c_on + (d_in,) * d_on
+            kept = cache.append_canon(history, inputs or (x[..., :0],))
+            if kept is not None:
+                out = mx.depends(out, kept)
+        return out
+
+    def _fused_path(self, x, mask, cache, history, valid, rope, projections: tuple) -> tuple:
+        """The layer in two compiled calls around the attention (every projection a plain
+        or quantized Linear): a decode step's host work is its number of calls and ops."""
+        flags, attention = self._flags, self["self_attn"]
+        a_in, qkv, (queries, keys, values) = pre_attention(
+            x,
+            self["input_layernorm"]["weight"],
+            self.eps,
+            history,
+            self._pre_sites,
+            (site_conv(self, "canon_a"), *attention.site_convs()),
+            valid,
+            flags,
+            projections[:3],
+            *attention.head_args(rope)[:3],
+        )
+        o = attention.attend(queries, keys, values, mask, cache)
+        out, c_in, d_in = post_attention(
+            x,
+            o,
+            projections[3:],
+            self["post_attention_layernorm"]["weight"],
+            self.eps,
+            history,
+            self._post_sites,
+            (site_conv(self, "canon_c"), site_conv(self["mlp"], "canon_d")),
+            valid,
+            flags,
+        )
+        return out, a_in, qkv, c_in, d_in
+
+    def _modules_path(self, x, mask, cache, history, valid, rope) -> tuple:
+        """The layer through its modules' own calls (LoRA layers and other wrappers)."""
         sites, flags = self._sites, self._flags
         a_in, a = norm_then_canon(
             x,
@@ -429,17 +594,7 @@ class DecoderLayer(nn.Module):
             flags,
         )
         mlp, d_in = self["mlp"](c, history, sites["d"], valid)
-        out = h + mlp
-        if cache is not None:
-            if self._all_sites:
-                inputs = (a_in, *qkv, c_in, d_in)
-            else:
-                a_on, b_on, c_on, d_on = self._stored
-                inputs = (a_in,) * a_on + qkv * b_on + (c_in,) * c_on + (d_in,) * d_on
-            kept = cache.append_canon(history, inputs or (x[..., :0],))
-            if kept is not None:
-                out = mx.depends(out, kept)
-        return out
+        return h + mlp, a_in, qkv, c_in, d_in
 
 
 class DharaModel(nn.Module):
@@ -448,6 +603,8 @@ class DharaModel(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [DecoderLayer(args) for _ in range(args.num_hidden_layers)]
+        for layer in self.layers[1:]:  # one array: one RoPE table a forward (``_inv_freqs``)
+            layer.self_attn.rotary_emb.inv_freq = self.layers[0].self_attn.rotary_emb.inv_freq
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.canon_width = sum(canon_widths(args).values())
         _, self.rope_factor = rope_parameters(
@@ -469,24 +626,49 @@ class DharaModel(nn.Module):
         valid = first.canon_valid(history_len, h.shape[1]) if first is not None else None
         zeros = mx.zeros((h.shape[0], history_len, self.canon_width), h.dtype)
         offset = first.offset if first is not None else 0
-        cos, sin = rope_tables(self._inv_freqs(), offset, h.shape[1], self.rope_factor)
-        for layer, layer_cache, rope in zip(self.layers, cache, zip(cos, sin)):
-            h = layer(h, mask, layer_cache, valid, rope, zeros)
+        freqs, tables = self._inv_freqs()
+        cos, sin = rope_tables(freqs, offset, h.shape[1], self.rope_factor)
+        for layer, layer_cache, table in zip(self.layers, cache, tables):
+            h = layer(h, mask, layer_cache, valid, (cos[table], sin[table]), zeros)
         return self.norm(h)
 
-    def _inv_freqs(self) -> mx.array:
-        """Every layer's RoPE ``inv_freq`` [layers, head_dim/2], stacked once while the
-        layers hold the same arrays (read as dict items: attribute access is slow)."""
+    def _inv_freqs(self) -> tuple[mx.array, tuple[int, ...]]:
+        """The distinct RoPE ``inv_freq`` arrays of the layers, stacked [n, head_dim/2], and
+        which of them each layer uses, kept while the layers hold the same arrays.
+
+        Layers that share one array (a model built here, a checkpoint whose layers
+        are equal: ``sanitize``) share one table, so a forward computes one table,
+        not one per layer. Modules are read as dict items: attribute access is slow.
+        """
         current = tuple(layer["self_attn"]["rotary_emb"]["inv_freq"] for layer in self.layers)
-        held = getattr(self, "_rope_source", None)
-        if (
-            held is None
-            or len(held[0]) != len(current)
-            or any(a is not b for a, b in zip(held[0], current))
-        ):
-            held = (current, mx.stack(current))
+        held = self.__dict__.get("_rope_source")
+        if held is None or len(held[0]) != len(current) or any(map(_differ, held[0], current)):
+            distinct: list[mx.array] = []
+            tables = []
+            for array in current:
+                number = next((i for i, a in enumerate(distinct) if a is array), len(distinct))
+                distinct += [array] if number == len(distinct) else []
+                tables.append(number)
+            held = (current, mx.stack(distinct), tuple(tables))
             object.__setattr__(self, "_rope_source", held)
-        return held[1]
+        return held[1], held[2]
+
+
+def _differ(a: mx.array, b: mx.array) -> bool:
+    return a is not b
+
+
+def _shared(inv_freq: mx.array, weights: dict[str, mx.array]) -> mx.array:
+    """``inv_freq``, or an equal array already among ``weights``' RoPE buffers (loaded
+    once, so the layers share one array and a forward one RoPE table)."""
+    for key, value in weights.items():
+        if (
+            key.endswith("rotary_emb.inv_freq")
+            and value.shape == inv_freq.shape
+            and mx.array_equal(value, inv_freq).item()
+        ):
+            return value
+    return inv_freq
 
 
 class Model(nn.Module):
@@ -530,7 +712,7 @@ class Model(nn.Module):
             if key.endswith(".conv.weight") and value.ndim == 3 and value.shape[1] == 1:
                 value = value.transpose(0, 2, 1)  # PyTorch (C, 1, K) -> MLX (C, K, 1)
             if key.endswith("rotary_emb.inv_freq"):
-                value = value.astype(mx.float32)
+                value = _shared(value.astype(mx.float32), sanitized)
             sanitized[key] = value
         for i, layer in enumerate(self.model.layers):
             key = f"model.layers.{i}.self_attn.rotary_emb.inv_freq"
