@@ -387,7 +387,13 @@ class DharaCache(_BaseCache):
             self._one_row_chunks += 1
             self._window_rows += 1
             self.length = start + 1
-            self._drop_old(RECENT + self._kept)
+            if self._one_row_chunks != len(self._window):
+                self._drop_old(RECENT + self._kept)
+            elif self._window_rows > RECENT + self._kept:  # a row a piece: drop the oldest
+                self._window.pop(0)
+                self._window_rows -= 1
+                self._one_row_chunks -= 1
+                self._complete = False
             return None
         self._kept = sum(self._rows_of(piece) for piece in history)
         if len(self._checkpoints) != batch:

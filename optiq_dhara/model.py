@@ -218,10 +218,18 @@ canon_b_heads = mx.compile(_canon_b_heads)
 
 def linear_args(module: nn.Module) -> Optional[tuple]:
     """A plain or quantized ``nn.Linear`` as ``project``'s arguments (its arrays and
-    its quantization settings); None for any other module (a LoRA layer, say)."""
+    its quantization settings); None for any other module (a LoRA layer, say).
+
+    A plain weight comes transposed, as a view made once: a decode step's graph
+    then holds no transpose per projection."""
     kind = type(module)
-    if kind is nn.Linear:
-        return (module["weight"], module.get("bias"))
+    if kind is nn.Linear:  # the weight transposed once, kept while it is the same array
+        weight = module["weight"]
+        held = module.__dict__.get("_transposed")
+        if held is None or held[0] is not weight:
+            held = (weight, weight.T)
+            object.__setattr__(module, "_transposed", held)
+        return (held[1], module.get("bias"))
     if kind is nn.QuantizedLinear:
         return (
             module["weight"],
@@ -239,8 +247,8 @@ def project(x: mx.array, args: tuple) -> mx.array:
     """What the ``nn.Linear`` or ``nn.QuantizedLinear`` of ``linear_args`` computes,
     op for op, callable inside a compiled function (which sees modules as dicts)."""
     if len(args) == 2:
-        weight, bias = args
-        return x @ weight.T if bias is None else mx.addmm(bias, x, weight.T)
+        transposed, bias = args
+        return x @ transposed if bias is None else mx.addmm(bias, x, transposed)
     weight, scales, biases, bias, group_size, bits, mode = args
     x = mx.quantized_matmul(
         x,
@@ -342,18 +350,24 @@ def rope_tables(inv_freqs: mx.array, offset, length: int, factor: float):
     The sin table holds -sin for the first half of each head and +sin for the
     second, the signs of rotate-half.
     """
-    positions = mx.arange(length, dtype=mx.float32)
     if isinstance(offset, mx.array) and offset.ndim == 1:
-        positions = offset[:, None].astype(mx.float32) + positions
+        positions = offset[:, None].astype(mx.float32) + mx.arange(length, dtype=mx.float32)
     else:
-        positions = (positions + offset)[None]
+        positions = (mx.arange(length, dtype=mx.float32) + offset)[None]
+    cos, sin = _rope_angles(positions, inv_freqs, factor)
+    layers = inv_freqs.shape[0]
+    if layers == 1:
+        return [cos], [sin]
+    return mx.split(cos, layers), mx.split(sin, layers)
+
+
+@mx.compile
+def _rope_angles(positions: mx.array, inv_freqs: mx.array, factor: float):
     angles = positions[None, :, None, :, None, None] * inv_freqs[:, None, None, None, None, :]
     cos, sin = mx.cos(angles), mx.sin(angles)
     if factor != 1.0:
         cos, sin = cos * factor, sin * factor
-    sin = mx.concatenate([-sin, sin], axis=-2)
-    layers = inv_freqs.shape[0]
-    return mx.split(cos, layers), mx.split(sin, layers)
+    return cos, mx.concatenate([-sin, sin], axis=-2)
 
 
 @mx.compile
