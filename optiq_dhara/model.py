@@ -201,13 +201,12 @@ def _canon_b_heads(qkv, history, sites, convs, valid, flags, heads, rope, norms,
     for i, x in enumerate(qkv):
         x = canon_conv(x, history, sites[i], convs[i], valid, flags)
         B, L, _ = x.shape
+        x = x.reshape(B, L, heads[i], -1).transpose(0, 2, 1, 3)
         if i < 2:
-            x = apply_rope(x.reshape(B, L, heads[i], 2, -1), *rope)
+            x = apply_rope(x, *rope)
             if norms is not None:
                 x = mx.fast.rms_norm(x, norms[i], eps)
-        else:
-            x = x.reshape(B, L, heads[i], -1)
-        out.append(x.transpose(0, 2, 1, 3))
+        out.append(x)
     return tuple(out)
 
 
@@ -345,7 +344,7 @@ class RotaryEmbedding(nn.Module):
 def rope_tables(inv_freqs: mx.array, offset, length: int, factor: float):
     """cos and signed sin of every layer's RoPE, in one computation.
 
-    Returns two lists, indexed by layer, of [1, B, L, 1, 2, head_dim/2] tables for
+    Returns two lists, indexed by layer, of [1, B, 1, L, 2, head_dim/2] tables for
     ``apply_rope``. ``offset`` is an int or, for a batch, one offset per row.
     Angles are positions x inv_freq in float32, as the reference computes them.
     The sin table holds -sin for the first half of each head and +sin for the
@@ -364,7 +363,7 @@ def rope_tables(inv_freqs: mx.array, offset, length: int, factor: float):
 
 @mx.compile
 def _rope_angles(positions: mx.array, inv_freqs: mx.array, factor: float):
-    angles = positions[None, :, :, None, None, None] * inv_freqs[:, None, None, None, None, :]
+    angles = positions[None, :, None, :, None, None] * inv_freqs[:, None, None, None, None, :]
     cos, sin = mx.cos(angles), mx.sin(angles)
     if factor != 1.0:
         cos, sin = cos * factor, sin * factor
@@ -379,13 +378,15 @@ def soft_cap(logits: mx.array, cap: float) -> mx.array:
 
 
 @mx.compile
-def apply_rope(halves: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
-    """Rotate-half (non-interleaved) RoPE with ``rope_tables``' tables of the heads
-    [B, L, H, 2, D/2] (each head as its halves [x1, x2]): [x1 cos - x2 sin, x2 cos +
-    x1 sin] as [B, L, H, D]. The head split and the halves are one reshape."""
-    B, L, H, _, half = halves.shape
+def apply_rope(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """Rotate-half (non-interleaved) RoPE of x [B, H, L, D] with ``rope_tables``' tables.
+
+    With x seen as halves [x1, x2]: [x1 cos - x2 sin, x2 cos + x1 sin].
+    """
+    shape = x.shape
+    halves = x.reshape(*shape[:-1], 2, shape[-1] // 2)
     rotated = halves * cos + halves[..., ::-1, :] * sin
-    return rotated.reshape(B, L, H, 2 * half).astype(halves.dtype)
+    return rotated.reshape(shape).astype(x.dtype)
 
 
 class Attention(nn.Module):
