@@ -34,26 +34,14 @@ import time
 import mlx.core as mx
 import typer
 from bench_batch import timed_batch_generator  # this folder is on the path
-from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from optiq_dhara import model as dhara
 from optiq_dhara.runtime import decode
+from optiq_dhara.runtime.bench import cast
 
 SECTIONS = ("step", "batch", "memory", "prefill", "spec", "parts")
-
-
-def as_float32(model) -> None:
-    """Cast to float32 as mlx-lm's convert casts: only what the model's ``cast_predicate``
-    allows (dhara keeps its RoPE buffers as they are)."""
-    keep = getattr(model, "cast_predicate", lambda _: True)
-    model.update(
-        tree_unflatten(
-            [(k, v.astype(mx.float32)) for k, v in tree_flatten(model.parameters()) if keep(k)]
-        )
-    )
-    mx.eval(model.parameters())
 
 
 def build_pair(layers: int, vocab: int = 49155, **dhara_changes) -> dict:
@@ -76,7 +64,7 @@ def build_pair(layers: int, vocab: int = 49155, **dhara_changes) -> dict:
         "llama": llama.Model(llama.ModelArgs(model_type="llama", **common)),
     }
     for model in models.values():
-        as_float32(model)
+        cast(model, mx.float32)  # as mlx-lm's convert: RoPE buffers kept
     return models
 
 
@@ -101,7 +89,7 @@ def build_real() -> dict:
     reference.load_weights(list(source.weights.items()), strict=True)
     models = {"dhara": grafted, "llama": reference}
     for model in models.values():
-        as_float32(model)
+        cast(model, mx.float32)  # as mlx-lm's convert: RoPE buffers kept
     return models
 
 

@@ -57,12 +57,18 @@ def random_model(dtype: mx.Dtype = mx.float32, seed: int = 0, **overrides) -> Mo
     """A randomly initialised dhara (dhara-250m's shape unless ``overrides`` say otherwise)."""
     mx.random.seed(seed)
     model = Model(ModelArgs(**overrides))
-    params = tree_flatten(model.parameters())
-    model.update(
-        tree_unflatten([(k, v.astype(dtype)) for k, v in params if model.cast_predicate(k)])
-    )
-    mx.eval(model.parameters())
+    cast(model, dtype)
     return model
+
+
+def cast(model, dtype: mx.Dtype) -> None:
+    """Cast ``model``'s parameters as mlx-lm's convert casts them: only those its
+    ``cast_predicate`` allows (dhara keeps its float32 RoPE buffers, shared by the
+    layers, as they are), then evaluate them."""
+    keep = getattr(model, "cast_predicate", lambda _: True)
+    params = tree_flatten(model.parameters())
+    model.update(tree_unflatten([(k, v.astype(dtype)) for k, v in params if keep(k)]))
+    mx.eval(model.parameters())
 
 
 def model_bytes(model) -> int:
