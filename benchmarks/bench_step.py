@@ -15,12 +15,18 @@ weights, the same hidden, heads, KV heads, intermediate and vocabulary):
 - ``spec``: the cost of one self-speculation round of the runtime (draft and
   verify; random weights accept almost nothing, so every round does the same work);
 - ``parts``: the evaluation of one batched decode forward (the largest ``--batch``)
-  of dhara, of dhara without its soft-cap or canon sites, and of llama.
+  of dhara, of dhara without its soft-cap or canon sites, and of llama;
+- ``gpu_graph`` (alone): the graph build of ``step`` with ``mx.fast``'s RMSNorm, RoPE
+  and attention each standing in as one node, as on a GPU, where each is one kernel
+  (the CPU backend builds a dozen ops for each): the host work per step on Apple
+  GPUs, measured here. Only the build is timed (the stand-ins compute nothing),
+  and the graph's nodes are counted.
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \\
         python benchmarks/bench_step.py --sections step,prefill,spec,memory
     python benchmarks/bench_step.py --sections batch --layers 8 --batch 8,32
     python benchmarks/bench_step.py --real --sections step,batch,prefill,spec
+    python benchmarks/bench_step.py --sections gpu_graph
 
 ``--real`` runs the same sections on SmolLM2-135M-Instruct grafted into dhara
 (the ``real`` extra) against mlx-lm's llama on its own weights: the real shape,
@@ -28,6 +34,8 @@ with dhara's Canon sites present (zero taps) as a graft has them.
 """
 
 import copy
+import io
+import re
 import statistics
 import time
 
@@ -41,7 +49,7 @@ from optiq_dhara import model as dhara
 from optiq_dhara.runtime import decode
 from optiq_dhara.runtime.bench import cast
 
-SECTIONS = ("step", "batch", "memory", "prefill", "spec", "parts")
+SECTIONS = ("step", "batch", "memory", "prefill", "spec", "parts", "gpu_graph")
 
 
 def build_pair(layers: int, vocab: int = 49155, **dhara_changes) -> dict:
@@ -157,6 +165,57 @@ def section_step(models: dict, context: int, steps: int, rounds: int) -> None:
         for what, xs in zip(columns, ratios)
     ]
     typer.echo("dhara / llama: " + ", ".join(parts))
+
+
+def graph_nodes(array: mx.array) -> int:
+    """Operations in the graph that computes ``array`` (a fused compiled kernel is one)."""
+    dot = io.StringIO()
+    mx.export_to_dot(dot, array)
+    labels = re.findall(r'label\s*=\s*"([^"]*)"', dot.getvalue())
+    return sum(not label[:1].isdigit() for label in labels)
+
+
+def section_gpu_graph(layers: int, context: int, steps: int, rounds: int) -> None:
+    """``step``'s graph build with RMSNorm, RoPE and attention as one node each (the GPU's
+    structure); must run before anything is compiled, so it runs alone."""
+
+    def one_node(x, *args, **kwargs):
+        return mx.stop_gradient(x)
+
+    for name in ("rms_norm", "rope", "scaled_dot_product_attention"):
+        setattr(mx.fast, name, one_node)
+    models = build_pair(layers)
+    nodes = {}
+    for name, model in models.items():
+        cache = make_prompt_cache(model)
+        token = mx.argmax(model(prompt(model.args.vocab_size, context), cache=cache)[:, -1], -1)
+        for _ in range(4):  # past the prefill's pieces of the canon history
+            mx.eval(token)
+            token = mx.argmax(model(token[:, None], cache=cache)[:, -1], -1)
+        nodes[name] = graph_nodes(token)
+    step_times(models, context, 3)  # warm-up: compile and allocate once
+    per_round = []
+    for turn in range(rounds):
+        order = list(models) if turn % 2 == 0 else list(models)[::-1]
+        times = step_times({name: models[name] for name in order}, context, steps)
+        per_round.append(
+            {name: [statistics.median(t) * 1e3 for t in times[name][:2]] for name in models}
+        )
+    typer.echo(
+        f"\n## decode step graph as a GPU builds it (fast ops one node each), batch 1, "
+        f"{rounds} rounds of {steps} steps"
+    )
+    typer.echo("| model | graph nodes | build ms | warm build ms |")
+    typer.echo("|---|---:|---:|---:|")
+    for name in models:
+        cells = [statistics.median(r[name][i] for r in per_round) for i in range(2)]
+        typer.echo(f"| {name} | {nodes[name]} | {cells[0]:.2f} | {cells[1]:.2f} |")
+    ratios = [sorted(r["dhara"][i] / r["llama"][i] for r in per_round) for i in range(2)]
+    parts = [
+        f"{what} {statistics.median(xs):.3f} ({xs[0]:.3f}-{xs[-1]:.3f})"
+        for what, xs in zip(("build", "warm build"), ratios)
+    ]
+    typer.echo(f"dhara / llama: nodes {nodes['dhara'] / nodes['llama']:.3f}, " + ", ".join(parts))
 
 
 def section_batch(models: dict, sizes: list, prompt_len: int, max_tokens: int, repeats: int):
@@ -295,6 +354,11 @@ def main(
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         raise typer.BadParameter(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    if "gpu_graph" in chosen:
+        if len(chosen) > 1 or real:
+            raise typer.BadParameter("gpu_graph replaces mx.fast's ops, so it runs alone")
+        section_gpu_graph(layers, context, steps, step_rounds)
+        return
     if real:
         if set(chosen) & {"memory", "parts"}:
             raise typer.BadParameter("--real runs the step, batch, prefill and spec sections")

@@ -1,6 +1,6 @@
 """A2D: graft SmolLM2-135M into dhara, then teach it block diffusion and self-speculation.
 
-    python examples/a2d.py [--model DIR] [--work DIR] [--iters N] [--batch-size B] ...
+    python examples/a2d.py [--model DIR] [--work DIR] [--full] [--iters N] [--batch-size B] ...
 
 A grafted model computes exactly what its source computes in AR mode, but its
 MASK token is untrained: block diffusion commits confident junk and
@@ -14,6 +14,10 @@ script measures, greedy, on held-out records of both, before and after:
 - diffusion tokens per forward, and how many of them equal AR's tokens
   (the un-adapted graft commits confident junk, so the count alone says little),
 - self-speculation drafts accepted per round (its output is AR's by construction).
+
+With --full every parameter trains (``dhara-mlx train``: the Canon taps, which LoRA
+leaves at zero, and the MASK row of the embedding too) on random windows of the same
+records, instead of a LoRA on the last --num-layers layers.
 
 With --distill the training code records are replaced by the model's own greedy
 continuations of their first --prompt-tokens tokens (self-distillation, as draft
@@ -42,7 +46,9 @@ from optiq_dhara.convert.graft import graft
 from optiq_dhara.convert.real import smollm2_gguf
 from optiq_dhara.quantize.calibration import default_corpus
 from optiq_dhara.runtime import decode, generate_batch
+from optiq_dhara.train.full import run as run_full
 from optiq_dhara.train.lora import LoraConfig, fuse, run_lora
+from optiq_dhara.train.trainer import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fixtures"))
 from synthetic_code import corpus as code_corpus  # noqa: E402  (the trained fixture's corpus)
@@ -166,7 +172,7 @@ ROWS = [
 
 
 def table(before: dict[str, float], after: dict[str, float]) -> str:
-    lines = ["| figure | graft | after joint LoRA |", "|---|---|---|"]
+    lines = ["| figure | graft | after joint training |", "|---|---|---|"]
     for label, key, form in ROWS:
         lines.append(f"| {label} | {form.format(before[key])} | {form.format(after[key])} |")
     return "\n".join(lines)
@@ -179,7 +185,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=90)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per training record")
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument(
+        "--learning-rate", type=float, help="default: 2e-4 for LoRA, 3e-5 with --full"
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="train every parameter (Canon taps and the MASK row too) instead of LoRA",
+    )
+    parser.add_argument("--warmup", type=int, default=10, help="warmup steps of --full")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--num-layers", type=int, default=8, help="LoRA on the last N layers")
     parser.add_argument("--diffusion-weight", type=float, default=1.0)
@@ -195,6 +209,55 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def print_report(report: dict) -> None:
+    print(json.dumps(report), flush=True)
+
+
+def train_lora(model_path: Path, work: Path, args: argparse.Namespace) -> None:
+    """Joint LoRA on ``work/data``, fused into ``work/joint``."""
+    config = LoraConfig(
+        objective="joint",
+        rank=args.rank,
+        num_layers=args.num_layers,
+        iters=args.iters,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate or 2e-4,
+        max_seq_length=args.seq_len,
+        diffusion_weight=args.diffusion_weight,
+        steps_per_report=max(args.iters // 10, 1),
+        steps_per_eval=args.iters,
+        val_batches=1,
+        spec_prompts=0,
+    )
+    run_lora(model_path, work / "data", work / "adapters", config, report=print_report)
+    fuse(model_path, work / "adapters", work / "joint", force=True)
+
+
+def train_everything(model_path: Path, work: Path, args: argparse.Namespace) -> None:
+    """Joint full training (``dhara-mlx train``) on random windows of ``work/data``'s
+    training records, saved to ``work/joint``."""
+    config = TrainConfig(
+        iters=args.iters,
+        learning_rate=args.learning_rate or 3e-5,
+        warmup=args.warmup,
+        cosine=True,
+        weight_decay=0.01,
+        diffusion_weight=args.diffusion_weight,
+        steps_per_report=max(args.iters // 10, 1),
+        steps_per_eval=args.iters,
+    )
+    run_full(
+        work / "data" / "train.jsonl",
+        work / "joint",
+        model=model_path,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        train_config=config,
+        report=print_report,
+        force=True,
+    )
+
+
 def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -207,33 +270,16 @@ def main() -> None:
         held_out = write_data(tokenizer, work / "data", args, model_path)
 
         before = measure(model_path, held_out, args)
-        config = LoraConfig(
-            objective="joint",
-            rank=args.rank,
-            num_layers=args.num_layers,
-            iters=args.iters,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            max_seq_length=args.seq_len,
-            diffusion_weight=args.diffusion_weight,
-            steps_per_report=max(args.iters // 10, 1),
-            steps_per_eval=args.iters,
-            val_batches=1,
-            spec_prompts=0,
-        )
         started = time.perf_counter()
-        run_lora(
-            model_path,
-            work / "data",
-            work / "adapters",
-            config,
-            report=lambda r: print(json.dumps(r)),
-        )
+        if args.full:
+            train_everything(model_path, work, args)
+        else:
+            train_lora(model_path, work, args)
         minutes = (time.perf_counter() - started) / 60
-        fuse(model_path, work / "adapters", work / "joint", force=True)
         after = measure(work / "joint", held_out, args)
 
-    print(f"\njoint LoRA: {args.iters} steps of {args.batch_size} x {args.seq_len} tokens")
+    how = "full training" if args.full else "LoRA"
+    print(f"\njoint {how}: {args.iters} steps of {args.batch_size} x {args.seq_len} tokens")
     print(f"in {minutes:.1f} min\n")
     print(table(before, after))
 
