@@ -5,8 +5,9 @@ attention, B on q/k/v, C before the MLP, D inside it). QK-norm comes after RoPE,
 the logits are soft-capped, attention is GQA. See SPEC.md of the project.
 """
 
+import functools
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -263,22 +264,25 @@ def project(x: mx.array, args: tuple) -> mx.array:
     return x if bias is None else x + bias
 
 
-@mx.compile
-def pre_attention(x, norm, eps: float, history, sites, convs, valid, flags, projections, *heads):
-    """Site A, the q, k and v projections, site B and the heads in one compiled call
-    (``projections``: the three ``linear_args``; ``heads``: ``canon_b_heads``'
-    heads, rope, norms): (A's input, (q, k, v), (queries, keys, values))."""
+def _pre_attention(x, history, valid, rope, norm, convs, projections, norms, config: tuple):
+    """Site A, the q, k and v projections, site B and the heads (``projections``: the
+    three ``linear_args``; ``config``: eps, sites, flags, heads): (A's input, (q, k, v),
+    (queries, keys, values))."""
+    eps, sites, flags, heads = config
     a_in, a = _norm_then_canon(x, norm, eps, history, sites[0], convs[0], valid, flags)
     qkv = tuple(project(a, p) for p in projections)
-    return a_in, qkv, _canon_b_heads(qkv, history, sites[1:], convs[1:], valid, flags, *heads, eps)
+    heads = _canon_b_heads(
+        qkv, history, sites[1:], convs[1:], valid, flags, heads, rope, norms, eps
+    )
+    return a_in, qkv, heads
 
 
-@mx.compile
-def post_attention(x, o, projections, norm, eps: float, history, sites, convs, valid, flags):
-    """From the attention's heads ``o`` [B, heads, L, head_dim] to the layer's output in
-    one compiled call: o_proj, the residual, site C, the SwiGLU MLP with site D, the
-    residual (``projections``: o, gate, up and down as ``linear_args``). Returns
-    (the output, C's input, D's input)."""
+def _post_attention(x, o, history, valid, norm, convs, projections, config: tuple):
+    """From the attention's heads ``o`` [B, heads, L, head_dim] to the layer's output:
+    o_proj, the residual, site C, the SwiGLU MLP with site D, the residual
+    (``projections``: o, gate, up and down as ``linear_args``; ``config``: eps, sites,
+    flags). Returns (the output, C's input, D's input)."""
+    eps, sites, flags = config
     B, _, L, _ = o.shape
     update = project(o.transpose(0, 2, 1, 3).reshape(B, L, -1), projections[0])
     h, c_in, c = _add_norm_then_canon(
@@ -287,6 +291,58 @@ def post_attention(x, o, projections, norm, eps: float, history, sites, convs, v
     gate, up = project(c, projections[1]), project(c, projections[2])
     d_in, d = _gate_then_canon(gate, up, history, sites[1], convs[1], valid, flags)
     return h + project(d, projections[3]), c_in, d_in
+
+
+ARRAY = "array"  # where an array was, in ``split_arrays``' skeletons
+
+
+def split_arrays(tree) -> tuple[tuple, Any]:
+    """(The arrays of a nest of tuples in order, the nest with each one replaced by
+    ``ARRAY``): the skeleton is hashable and the arrays are all a call has to pass."""
+    if isinstance(tree, mx.array):
+        return (tree,), ARRAY
+    if isinstance(tree, tuple):
+        arrays, skeleton = [], []
+        for item in tree:
+            found, shape = split_arrays(item)
+            arrays += found
+            skeleton.append(shape)
+        return tuple(arrays), tuple(skeleton)
+    return (), tree
+
+
+def fill_arrays(skeleton, arrays: Iterator[mx.array]):
+    """The nest ``split_arrays`` took apart, with the next of ``arrays`` at each ``ARRAY``."""
+    if skeleton == ARRAY:
+        return next(arrays)
+    if isinstance(skeleton, tuple):
+        return tuple(fill_arrays(item, arrays) for item in skeleton)
+    return skeleton
+
+
+class FusedCall:
+    """``body`` compiled for one layout of its parameter arguments (``skeleton``) and one
+    ``config`` (``fused_call``); a copy of a model shares it, as it shares the code."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, body: Callable, skeleton: tuple, config: tuple):
+        def call(*args):
+            *inputs, arrays = args
+            return body(*inputs, *fill_arrays(skeleton, iter(arrays)), config)
+
+        self.run = mx.compile(call)
+
+    def __deepcopy__(self, memo: dict) -> "FusedCall":
+        return self
+
+
+@functools.cache
+def fused_call(body: Callable, skeleton: tuple, config: tuple) -> FusedCall:
+    """One ``FusedCall`` per body, skeleton and config: a call passes the varying inputs
+    and the parameters' arrays, nothing else (each argument of a compiled call costs
+    host time), and layers alike share one compiled function."""
+    return FusedCall(body, skeleton, config)
 
 
 def keep_plain(module: nn.Module, **values) -> None:
@@ -504,12 +560,18 @@ class DecoderLayer(nn.Module):
             sites[name] = (index, start)
             index, start = index + (width > 0), start + width
         stored = tuple(site in widths for site in "abcd")
+        pre_count = stored[0] + 3 * stored[1]  # pieces of sites A and B in a stored tuple
+        places = [(None, "canon_a")] * stored[0]
+        places += [("self_attn", f"canon_b_{x}") for x in "qkv"] * stored[1]
+        places += [(None, "canon_c")] * stored[2] + [("mlp", "canon_d")] * stored[3]
         keep_plain(
             self,
             _sites=sites,
             _qkv_sites=(sites["q"], sites["k"], sites["v"]),
             _pre_sites=(sites["a"], sites["q"], sites["k"], sites["v"]),
-            _post_sites=(sites["c"], sites["d"]),
+            _post_sites=tuple((i - pre_count, start) for i, start in (sites["c"], sites["d"])),
+            _pre_count=pre_count,
+            _canon_places=tuple(places),
             _stored=stored,
             _flags=(args.canon_residual, args.canon_activation),
         )
@@ -524,21 +586,12 @@ class DecoderLayer(nn.Module):
         if zeros is None:
             zeros = mx.zeros((x.shape[0], self._history_len, self._width), x.dtype)
         history = (zeros,) if cache is None else cache.canon_history(zeros)
-        attention, mlp = self["self_attn"], self["mlp"]
-        projections = (
-            linear_args(attention["q_proj"]),
-            linear_args(attention["k_proj"]),
-            linear_args(attention["v_proj"]),
-            linear_args(attention["o_proj"]),
-            linear_args(mlp["gate_proj"]),
-            linear_args(mlp["up_proj"]),
-            linear_args(mlp["down_proj"]),
-        )
-        if None in projections:  # a module other than (Quantized)Linear: call the modules
+        fused = self.fused_calls()
+        if fused is None:  # a module other than (Quantized)Linear: call the modules
             out, a_in, qkv, c_in, d_in = self._modules_path(x, mask, cache, history, valid, rope)
         else:
             out, a_in, qkv, c_in, d_in = self._fused_path(
-                x, mask, cache, history, valid, rope, projections
+                x, mask, cache, history, valid, rope, fused
             )
         if cache is not None:
             if self._all_sites:
@@ -551,35 +604,73 @@ class DecoderLayer(nn.Module):
                 out = mx.depends(out, kept)
         return out
 
-    def _fused_path(self, x, mask, cache, history, valid, rope, projections: tuple) -> tuple:
+    def fused_calls(self) -> Optional[tuple]:
+        """The layer's two compiled calls and their parameter arrays: ((pre, arrays),
+        (post, arrays)); None when a projection is not a plain or quantized
+        ``nn.Linear`` (LoRA, say). Made once, kept while the leaf modules hold the
+        same arrays (one identity check, instead of a dozen lookups a step)."""
+        attention, mlp = self["self_attn"], self["mlp"]
+        key = (
+            *attention["q_proj"].values(),
+            *attention["k_proj"].values(),
+            *attention["v_proj"].values(),
+            *attention["o_proj"].values(),
+            *mlp["gate_proj"].values(),
+            *mlp["up_proj"].values(),
+            *mlp["down_proj"].values(),
+            *self["input_layernorm"].values(),
+            *self["post_attention_layernorm"].values(),
+        )
+        for module, name in self._canon_places:
+            key += (*(self if module is None else self[module])[name]["conv"].values(),)
+        if "q_norm" in attention:
+            key += (*attention["q_norm"].values(), *attention["k_norm"].values())
+        held = self.__dict__.get("_fused")
+        if held is None or len(held[0]) != len(key) or any(map(_differ, held[0], key)):
+            held = (key, self._make_fused_calls(attention, mlp))
+            object.__setattr__(self, "_fused", held)
+        return held[1]
+
+    def _make_fused_calls(self, attention: nn.Module, mlp: nn.Module) -> Optional[tuple]:
+        projections = tuple(
+            linear_args(module)
+            for module in (
+                attention["q_proj"],
+                attention["k_proj"],
+                attention["v_proj"],
+                attention["o_proj"],
+                mlp["gate_proj"],
+                mlp["up_proj"],
+                mlp["down_proj"],
+            )
+        )
+        if None in projections:
+            return None
+        heads, _, norms, _ = attention.head_args(None)
+        convs = (site_conv(self, "canon_a"), *attention.site_convs())
+        pre = (self["input_layernorm"]["weight"], convs, projections[:3], norms)
+        convs = (site_conv(self, "canon_c"), site_conv(mlp, "canon_d"))
+        post = (self["post_attention_layernorm"]["weight"], convs, projections[3:])
+        calls = []
+        for body, parameters, config in (
+            (_pre_attention, pre, (self.eps, self._pre_sites, self._flags, heads)),
+            (_post_attention, post, (self.eps, self._post_sites, self._flags)),
+        ):
+            arrays, skeleton = split_arrays(parameters)
+            calls.append((fused_call(body, skeleton, config), arrays))
+        return tuple(calls)
+
+    def _fused_path(self, x, mask, cache, history, valid, rope, fused: tuple) -> tuple:
         """The layer in two compiled calls around the attention (every projection a plain
-        or quantized Linear): a decode step's host work is its number of calls and ops."""
-        flags, attention = self._flags, self["self_attn"]
-        a_in, qkv, (queries, keys, values) = pre_attention(
-            x,
-            self["input_layernorm"]["weight"],
-            self.eps,
-            history,
-            self._pre_sites,
-            (site_conv(self, "canon_a"), *attention.site_convs()),
-            valid,
-            flags,
-            projections[:3],
-            *attention.head_args(rope)[:3],
-        )
-        o = attention.attend(queries, keys, values, mask, cache)
-        out, c_in, d_in = post_attention(
-            x,
-            o,
-            projections[3:],
-            self["post_attention_layernorm"]["weight"],
-            self.eps,
-            history,
-            self._post_sites,
-            (site_conv(self, "canon_c"), site_conv(self["mlp"], "canon_d")),
-            valid,
-            flags,
-        )
+        or quantized Linear): a decode step's host work is its number of calls, ops and
+        arguments, so each call gets the history pieces of its own sites only."""
+        (pre, pre_arrays), (post, post_arrays) = fused
+        split = self._pre_count
+        pre_history = tuple(p[:split] if type(p) is tuple else p for p in history)
+        post_history = tuple(p[split:] if type(p) is tuple else p for p in history)
+        a_in, qkv, (queries, keys, values) = pre.run(x, pre_history, valid, rope, pre_arrays)
+        o = self["self_attn"].attend(queries, keys, values, mask, cache)
+        out, c_in, d_in = post.run(x, o, post_history, valid, post_arrays)
         return out, a_in, qkv, c_in, d_in
 
     def _modules_path(self, x, mask, cache, history, valid, rope) -> tuple:
