@@ -109,6 +109,26 @@ def history_array(pieces) -> mx.array:
     return mx.concatenate([_full(piece) for piece in pieces], axis=1)
 
 
+def canon_rows(pieces, start: int, stop: int) -> mx.array:
+    """Rows ``start .. stop-1`` [B, stop-start, width] of canon input ``pieces`` (as
+    ``history_array`` joins them), as a new array: only those rows are copied, and
+    it holds no buffer of the pieces (a forward's inputs are freed once evaluated)."""
+    parts, first = [], 0
+    for piece in pieces:
+        arrays = piece if isinstance(piece, tuple) else (piece,)
+        rows = arrays[0].shape[1]
+        low, high = max(start - first, 0), min(stop - first, rows)
+        first += rows
+        if low >= high:
+            continue
+        if (low, high) != (0, rows):
+            arrays = tuple(a[:, low:high] for a in arrays)
+        parts.append(mx.concatenate(arrays, axis=-1) if len(arrays) > 1 else arrays[0])
+    if len(parts) == 1:  # a one-array concatenate would be a view: copy instead
+        return parts[0] * 1
+    return mx.concatenate(parts, axis=1)
+
+
 def _last_rows(rows: mx.array, size: int) -> mx.array:
     """The last ``size`` rows of ``rows`` [n, width] (axis -2), zeros before the first."""
     missing = size - rows.shape[-2]
@@ -409,15 +429,14 @@ class DharaCache(_BaseCache):
             )
         if self._unreplayable and (start + count) % CHECKPOINT:
             crossed = [*crossed, start + count]  # replays may start after this forward
-        if crossed:
-            joined = mx.concatenate([history_array(history), _full(inputs)], axis=1)
-            for position in crossed:
-                tails = joined[:, position - start : position - start + self._kept] * 1
-                made.append(tails)
-                for b in range(batch):
-                    self._checkpoints[b][position] = tails[b]
+        for position in crossed:
+            shift = position - start
+            tails = canon_rows((*history, inputs), shift, shift + self._kept)
+            made.append(tails)
+            for b in range(batch):
+                self._checkpoints[b][position] = tails[b]
         if count > keep:
-            inputs = _full(inputs)[:, count - keep :] * 1  # a copy: the forward's are freed
+            inputs = canon_rows((inputs,), count - keep, count)  # the forward's are freed
             made.append(inputs)
             self._complete = False
             count_kept = keep

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import CHECKPOINT  # a row keeps its canon tail at every multiple of this position
+from .cache import CHECKPOINT, canon_rows
 
 STEP = 256  # capacity grows in whole steps of positions
 
@@ -72,8 +72,8 @@ class SlotLayer:
         return owner.keys[i][:, :, :used], owner.values[i][:, :, :used]
 
     def append_canon(self, history: tuple, inputs: tuple) -> None:
-        """Keep the inputs until ``commit`` takes the rows' tails from them."""
-        self._owner._pending[self._index] = (*history, mx.concatenate(inputs, axis=-1))
+        """Keep the inputs (as they are) until ``commit`` takes the rows' tails from them."""
+        self._owner._pending[self._index] = (history, inputs)
 
 
 class SlotCache:
@@ -96,7 +96,7 @@ class SlotCache:
         self.tails: list[Optional[mx.array]] = [None] * count
         self.checkpoints: list[dict[int, Tails]] = [{} for _ in range(rows)]
         self.layers = [SlotLayer(self, i) for i in range(count)]
-        self._pending: list[Optional[tuple[mx.array, ...]]] = [None] * count
+        self._pending: list[Optional[tuple[tuple, tuple]]] = [None] * count  # (history, inputs)
         self._offsets = mx.array(self.lengths)
         self._write: Optional[mx.array] = None
         self._start: Optional[int] = None  # where every row writes, if all write at one place
@@ -162,31 +162,51 @@ class SlotCache:
     def commit(self, lengths: Sequence[int]) -> None:
         """After a forward: the rows hold ``lengths`` tokens (at least what they held
         before it, at most that plus what it wrote); their tails follow, and the
-        tails at the checkpoints passed on the way are kept."""
+        tails at the checkpoints passed on the way are kept.
+
+        A tail is a new array of K-1 rows, cut from the forward's inputs before they
+        are joined: it holds none of their buffers (a prefill's inputs are far larger
+        than the tails, and are freed once evaluated)."""
         old, new = self.lengths, list(lengths)
         if self.history_len and self._pending[0] is not None:
-            joined = [mx.concatenate(pieces, axis=1) for pieces in self._pending]
             shifts = {n - o for n, o in zip(new, old)}
-            if len(shifts) == 1:
-                shift = shifts.pop()
-                self.tails = [j[:, shift : shift + self.history_len] for j in joined]
-            else:
+            if len(shifts) > 1:
                 index = mx.array(new) - self._offsets
                 index = index[:, None, None] + mx.arange(self.history_len)[:, None]
-                self.tails = [mx.take_along_axis(j, index, axis=1) for j in joined]
-            self._checkpoint(joined, old, new)
+                self.tails = [
+                    mx.take_along_axis(self._joined(pending), index, axis=1)
+                    for pending in self._pending
+                ]
+            elif shifts != {0}:  # (a forward whose tokens all rows drop leaves the tails)
+                shift = shifts.pop()
+                self.tails = [self._canon_rows(pending, shift) for pending in self._pending]
+            self._checkpoint(old, new)
         self._pending = [None] * len(self._pending)
         self.lengths = new
         self._offsets = mx.array(new)
 
-    def _checkpoint(self, joined: list[mx.array], old: list[int], new: list[int]) -> None:
+    @staticmethod
+    def _joined(pending: tuple) -> mx.array:
+        """One layer's canon inputs before and in the last forward, [rows, K-1+L, width]."""
+        history, inputs = pending
+        return mx.concatenate([*history, mx.concatenate(inputs, axis=-1)], axis=1)
+
+    def _canon_rows(self, pending: tuple, shift: int, row: Optional[int] = None) -> mx.array:
+        """Rows ``shift .. shift+K-2`` of ``_joined(pending)`` (of row ``row`` alone, if
+        given): each row's tail after it kept ``shift`` of the forward's tokens."""
+        history, inputs = pending
+        if row is not None:
+            history = tuple(h[row : row + 1] for h in history)
+            inputs = tuple(x[row : row + 1] for x in inputs)
+        return canon_rows((*history, inputs), shift, shift + self.history_len)
+
+    def _checkpoint(self, old: list[int], new: list[int]) -> None:
         """Keep each row's tails at the multiples of CHECKPOINT in (old, new]."""
         for b, (start, end) in enumerate(zip(old, new)):
             first = start // CHECKPOINT * CHECKPOINT + CHECKPOINT
             for position in range(first, end + 1, CHECKPOINT):
-                shift = position - start
-                tails = [j[b, shift : shift + self.history_len] * 1 for j in joined]
-                mx.async_eval(tails)  # a copy, so that the forward's inputs are freed
+                tails = [self._canon_rows(p, position - start, b)[0] for p in self._pending]
+                mx.async_eval(tails)
                 self.checkpoints[b][position] = tails
 
     def _reserve(self, needed: int) -> None:

@@ -24,7 +24,7 @@ from mlx_lm.models.cache import (
 from mlx_lm.utils import load_model, load_tokenizer
 
 from optiq_dhara import model as dhara
-from optiq_dhara.cache import DharaCache, history_array
+from optiq_dhara.cache import DharaCache, canon_rows, history_array
 from optiq_dhara.masks import block_causal_mask
 
 TOLERANCE = 1e-5
@@ -51,6 +51,19 @@ def chunked(model, ids: mx.array, sizes, cache=None) -> mx.array:
         out.append(model(ids[:, start : start + size], cache=cache))
         start += size
     return mx.concatenate(out, axis=1)
+
+
+@given(st.integers(0, 8), st.integers(1, 9))
+def test_canon_rows_are_those_of_the_joined_pieces(start, count):
+    """An array piece and a piece split by site (widths 2 + 3), then one more array."""
+    stop = min(start + count, 9)
+    pieces = (
+        mx.arange(2 * 3 * 5).reshape(2, 3, 5),
+        (mx.arange(2 * 4 * 2).reshape(2, 4, 2) + 100, mx.arange(2 * 4 * 3).reshape(2, 4, 3) + 200),
+        mx.arange(2 * 2 * 5).reshape(2, 2, 5) + 300,
+    )
+    rows = canon_rows(pieces, start, stop)
+    assert mx.array_equal(rows, history_array(pieces)[:, start:stop])
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,8 @@
 """The batched engine: every row of a batch decodes exactly as it does alone."""
 
+import gc
+
+import mlx.core as mx
 import pytest
 
 from optiq_dhara import slot_cache
@@ -211,3 +214,15 @@ def test_canon_state_stays_small_next_to_the_kv(golden_model):
     kv = sum(a.nbytes for a in cache.keys + cache.values)
     assert cache.lengths == [897] and sorted(cache.checkpoints[0]) == [256, 512, 768]
     assert cache.nbytes() - kv <= 0.25 * kv
+
+
+def test_a_prefill_keeps_none_of_its_canon_inputs_alive(golden_model):
+    """Tails and checkpoints are new arrays, not views of a forward's canon inputs:
+    after a long prefill the memory in use grows by the cache's own bytes."""
+    SlotCache(golden_model).feed(list(range(1, 40)))  # compiles what a forward needs
+    gc.collect()
+    before = mx.get_active_memory()
+    cache = SlotCache(golden_model)
+    cache.feed(list(range(1, 300)) * 3)
+    gc.collect()
+    assert mx.get_active_memory() - before <= 1.05 * cache.nbytes()
