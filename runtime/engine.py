@@ -305,10 +305,11 @@ class Engine:
     @staticmethod
     def _todo(row: Row, held: Optional[int] = None) -> list[int]:
         """Prompt tokens still to prefill after the ``held`` ones (default: the row's
-        cache): all but the last (causal), whole blocks of the row's grid (diffusion)."""
+        cache): all of them (causal: the last one's logits give the first token),
+        whole blocks of the row's grid (diffusion)."""
         held = row.cache.lengths[0] if held is None else held
         if row.grid is None:
-            return row.seq[held : len(row.seq) - 1]
+            return row.seq[held:]
         end = (len(row.seq) + row.phase) // row.grid * row.grid - row.phase
         return row.seq[held:end]
 
@@ -329,21 +330,24 @@ class Engine:
         return chunks
 
     def _prefill(self, chunks: list[tuple[Row, list[int]]]) -> list[tuple[Row, Step]]:
-        """Feed each row its chunk in one forward; rows whose prompt is then in draw
-        their first token (causal modes) in a second one and take a slot in their group."""
+        """Feed each row its chunk in one forward; causal rows whose prompt is then in
+        draw their first token from its last position, and every row whose prompt is
+        in takes a slot in its group."""
         rows = [row for row, _ in chunks]
         cache = (
             rows[0].cache if len(rows) == 1 else type(rows[0].cache).stack([r.cache for r in rows])
         )
-        if any(chunk for _, chunk in chunks):
-            real = [len(chunk) for _, chunk in chunks]
+        real = [len(chunk) for _, chunk in chunks]
+        hidden = None
+        if any(real):
             grids = [row.grid or 1 for row in rows]
-            run_rows(self.model, cache, padded([c or [0] for _, c in chunks]), real, grids)
+            tokens = padded([c or [0] for _, c in chunks])
+            hidden = run_rows(self.model, cache, tokens, real, grids)
             cache.commit([n + k for n, k in zip(cache.lengths, real)])
-            mx.eval(cache.state())
+            mx.async_eval(cache.state())
         done = [not self._todo(row, cache.lengths[i]) for i, row in enumerate(rows)]
         causal = [d and row.grid is None for d, row in zip(done, rows)]
-        events = self._first_tokens(rows, cache, causal) if any(causal) else []
+        events = self._first_tokens(rows, hidden, real, causal) if any(causal) else []
         joined: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             if not done[i]:
@@ -362,15 +366,13 @@ class Engine:
             events += self.groups[mode].insert([rows[i] for i in index], cache, index)
         return events
 
-    def _first_tokens(self, rows: list[Row], cache: RowCache, which: list[bool]):
-        """The first generated token of the rows flagged in ``which``, from their
-        prompt's last token."""
-        real = [1 if w else 0 for w in which]
-        tokens = mx.array([[row.seq[-1]] for row in rows])
-        hidden = run_rows(self.model, cache, tokens, real, [1] * len(rows))
-        cache.commit([n + k for n, k in zip(cache.lengths, real)])
+    def _first_tokens(self, rows: list[Row], hidden: mx.array, real: list[int], which: list[bool]):
+        """The first generated token of the rows flagged in ``which``, from the prefill
+        forward's ``hidden`` states at their prompt's last token (a causal row's last
+        chunk always holds it)."""
         chosen = [i for i, w in enumerate(which) if w]
-        logits = self.model.head(hidden[mx.array(chosen), -1])
+        last = mx.array([real[i] - 1 for i in chosen])
+        logits = self.model.head(hidden[mx.array(chosen), last])
         picked = [rows[i] for i in chosen]
         tokens, report = draw(self.model, logits, picked, [len(r.seq) for r in picked])
         report = read_report(report)
