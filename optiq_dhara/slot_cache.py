@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .cache import CHECKPOINT, canon_rows
+from .cache import CHECKPOINT, canon_rows, history_array
 
 STEP = 256  # capacity grows in whole steps of positions
 
@@ -174,8 +174,8 @@ class SlotCache:
                 index = mx.array(new) - self._offsets
                 index = index[:, None, None] + mx.arange(self.history_len)[:, None]
                 self.tails = [
-                    mx.take_along_axis(self._joined(pending), index, axis=1)
-                    for pending in self._pending
+                    mx.take_along_axis(history_array((*history, inputs)), index, axis=1)
+                    for history, inputs in self._pending
                 ]
             elif shifts != {0}:  # (a forward whose tokens all rows drop leaves the tails)
                 shift = shifts.pop()
@@ -185,15 +185,10 @@ class SlotCache:
         self.lengths = new
         self._offsets = mx.array(new)
 
-    @staticmethod
-    def _joined(pending: tuple) -> mx.array:
-        """One layer's canon inputs before and in the last forward, [rows, K-1+L, width]."""
-        history, inputs = pending
-        return mx.concatenate([*history, mx.concatenate(inputs, axis=-1)], axis=1)
-
     def _canon_rows(self, pending: tuple, shift: int, row: Optional[int] = None) -> mx.array:
-        """Rows ``shift .. shift+K-2`` of ``_joined(pending)`` (of row ``row`` alone, if
-        given): each row's tail after it kept ``shift`` of the forward's tokens."""
+        """Rows ``shift .. shift+K-2`` of one layer's canon inputs before and in the last
+        forward (of row ``row`` alone, if given): each row's tail after it kept ``shift``
+        of the forward's tokens."""
         history, inputs = pending
         if row is not None:
             history = tuple(h[row : row + 1] for h in history)
